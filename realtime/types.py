@@ -68,8 +68,11 @@ class Reconstruction:
     world_to_frame: np.ndarray  # (4, 4) float64 affine: world (x,y,z,1) → (x_px, y_px, depth, 1); smaller depth = nearer
     codes: dict[str, np.ndarray] = field(default_factory=dict)  # per-face model outputs, no batch dim
     landmarks: Optional[np.ndarray] = None  # (N, 2) float32 projected model landmarks in frame pixels
-    uvcoords: Optional[np.ndarray] = None  # (V, 2) float32 per-vertex UV in [0,1] for detail shading
-    detail_normals: Optional[np.ndarray] = None  # (Huv, Wuv, 3) float32 world-space normal map (detail mode)
+    # Detail mode: a world-space normal map in UV space, DECA's layout (row 0 is v = 1, column 0 is u = 0),
+    # with the UV topology that indexes it (FLAME has seams: uv vertices differ from mesh vertices).
+    detail_normals: Optional[np.ndarray] = None  # (Huv, Wuv, 3) float32
+    uvcoords: Optional[np.ndarray] = None  # (T, 2) float32 in [0, 1]
+    uvfaces: Optional[np.ndarray] = None  # (F, 3) int32, corners of `faces` → rows of `uvcoords`
 
     def frame_points(self, points: Optional[np.ndarray] = None) -> np.ndarray:
         """Map world points (default: the vertices) to frame pixels: (N, 3) → (N, 3) [x_px, y_px, depth]."""

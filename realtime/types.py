@@ -73,6 +73,9 @@ class Reconstruction:
     detail_normals: Optional[np.ndarray] = None  # (Huv, Wuv, 3) float32
     uvcoords: Optional[np.ndarray] = None  # (T, 2) float32 in [0, 1]
     uvfaces: Optional[np.ndarray] = None  # (F, 3) int32, corners of `faces` → rows of `uvcoords`
+    # inferno's per-face geometry.png: the shaded mesh in the encoder crop, filled by the render stage
+    # when per-frame images are saved (the GL context lives in that thread).
+    crop_image: Optional[np.ndarray] = None  # (S, S, 3) uint8
 
     def frame_points(self, points: Optional[np.ndarray] = None) -> np.ndarray:
         """Map world points (default: the vertices) to frame pixels: (N, 3) → (N, 3) [x_px, y_px, depth]."""

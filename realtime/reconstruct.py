@@ -1,0 +1,94 @@
+"""Reconstructors: tracked faces in, `Reconstruction`s out. One interface for every model.
+
+- `MediaPipeMeshReconstructor`: MediaPipe's own 3D face mesh (478 landmarks on the canonical
+  468-vertex topology). Needs no licensed download, so every use works out of the box.
+- `ModelReconstructor`: EMICA / EMOCA / DECA through `realtime.models.load_model`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Protocol
+
+import numpy as np
+
+from .config import EMBEDDED_MODEL, RunConfig
+from .errors import AssetError
+from .types import Face, FrameResult, Reconstruction
+
+log = logging.getLogger("realtime")
+
+
+class Reconstructor(Protocol):
+    name: str
+
+    def reconstruct(self, batch: list[FrameResult]) -> None:
+        """Fill `result.reconstructions` for every result in the batch (one per face, in face order)."""
+
+
+class MediaPipeMeshReconstructor:
+    """MediaPipe's 3D landmarks as a mesh.
+
+    World space is face-centred and measured in box sizes: x right, y up, z toward the camera
+    (MediaPipe's z grows away from the camera, so it is negated); `world_to_frame` undoes that.
+    """
+
+    name = EMBEDDED_MODEL
+
+    def __init__(self, model_path: Optional[str] = None):
+        from .face_mesh import canonical_face_mesh
+
+        _, uv, triangles = canonical_face_mesh(model_path)
+        self.faces = np.ascontiguousarray(triangles, dtype=np.int32)
+        self.uv = uv
+        self.n_vertices = int(self.faces.max()) + 1  # 468: the iris points (468..477) are not part of the mesh
+
+    def reconstruct(self, batch: list[FrameResult]) -> None:
+        for result in batch:
+            result.reconstructions = [self._one(face) for face in result.faces]
+
+    def _one(self, face: Face) -> Reconstruction:
+        cx, cy = face.center
+        s = float(face.size)
+        pts = face.landmarks[: self.n_vertices].astype(np.float64)
+        world = np.empty_like(pts)
+        world[:, 0] = (pts[:, 0] - cx) / s
+        world[:, 1] = -(pts[:, 1] - cy) / s
+        world[:, 2] = -pts[:, 2] / s
+        world_to_frame = np.array(
+            [[s, 0, 0, cx], [0, -s, 0, cy], [0, 0, -s, 0], [0, 0, 0, 1]], dtype=np.float64
+        )
+        return Reconstruction(
+            face=face,
+            vertices=world.astype(np.float32),
+            faces=self.faces,
+            world_to_frame=world_to_frame,
+            codes={"blendshapes": face.blendshapes.astype(np.float32), "transform": face.transform.astype(np.float32)},
+            landmarks=face.landmarks[:, :2].astype(np.float32),
+        )
+
+
+def model_available(cfg: RunConfig) -> bool:
+    return (cfg.models_dir / cfg.model.name / "cfg.yaml").is_file()
+
+
+def create_reconstructor(cfg: RunConfig) -> Reconstructor:
+    """The model the config asks for; the embedded MediaPipe mesh when the default EMICA is not installed."""
+    m = cfg.model
+    if m.name == EMBEDDED_MODEL:
+        return MediaPipeMeshReconstructor()
+    if not model_available(cfg):
+        where = cfg.models_dir / m.name
+        if m.name_given:
+            raise AssetError(
+                f"model {m.name!r} not found: {where}/cfg.yaml is missing; install it with `bash download_assets.sh` "
+                f"(or point --path_to_models / --assets_dir at your copy)"
+            )
+        log.info(
+            "EMICA assets not found (%s); running the embedded MediaPipe face mesh. "
+            "Install EMICA with: bash download_assets.sh", where,
+        )
+        return MediaPipeMeshReconstructor()
+    from .model_runtime import ModelReconstructor
+
+    return ModelReconstructor(cfg)

@@ -1,0 +1,307 @@
+"""Wires a RunConfig into a running pipeline: opens the source, builds the stages and sinks, handles
+signals, prints the summary. The CLI calls `run(cfg)`; tests and the bench call it too."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .config import RunConfig
+from .errors import UserError
+from .pipeline import Pipeline, PipelineResult
+from .types import FrameResult
+
+log = logging.getLogger("realtime")
+
+
+@dataclass
+class RunSummary:
+    ok: bool
+    frames: int
+    result: PipelineResult
+    outputs: dict[str, Path] = field(default_factory=dict)
+    model: str = ""
+
+
+# -- stages -----------------------------------------------------------------------------------
+
+class TrackStage:
+    name = "track"
+
+    def __init__(self, cfg: RunConfig, mode: str):
+        self.cfg, self.mode = cfg, mode
+        self.tracker = None
+        self.assigner = None
+
+    def setup(self) -> None:
+        from .tracking import FaceTracker
+        from .tracks import TrackAssigner
+
+        t = self.cfg.tracking
+        self.tracker = FaceTracker(num_faces=t.num_faces, scale=t.scale, image_size=t.image_size, mode=self.mode,
+                                   device=t.device, min_confidence=t.min_confidence)
+        if self.mode != "image":
+            self.assigner = TrackAssigner()
+
+    def process(self, batch: list[FrameResult]) -> None:
+        for result in batch:
+            faces = self.tracker.track(result.frame)
+            if self.assigner is not None:
+                faces = self.assigner.assign(faces, result.frame.pts)
+            result.faces = faces
+
+    def teardown(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+class ReconstructStage:
+    name = "model"
+    batched = True
+
+    def __init__(self, reconstructor):
+        self.reconstructor = reconstructor
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, batch: list[FrameResult]) -> None:
+        self.reconstructor.reconstruct(batch)
+
+    def teardown(self) -> None:
+        pass
+
+
+class RenderStage:
+    name = "render"
+
+    def __init__(self, cfg: RunConfig, crops: bool):
+        self.cfg = cfg
+        self.crops = crops  # also render inferno's per-face geometry.png crop
+        self.renderer = None
+
+    def setup(self) -> None:
+        from .render import Renderer
+
+        self.renderer = Renderer()  # the GL context belongs to this thread
+
+    def process(self, batch: list[FrameResult]) -> None:
+        from .compose import ComposeOptions, compose
+
+        c = self.cfg.compose
+        opts = ComposeOptions(include_original=c.include_original, include_rec=c.include_rec,
+                              include_transparent=c.include_transparent, black_background=c.black_background,
+                              use_mask=c.use_mask, cat_dim=c.cat_dim)
+        for result in batch:
+            h, w = result.frame.image.shape[:2]
+            t0 = time.perf_counter()
+            result.rendered, result.mask = self.renderer.render(h, w, result.reconstructions, image_type=c.image_type)
+            if self.crops:
+                for rec in result.reconstructions:
+                    rec.crop_image = self.renderer.render_crop(rec, image_size=self.cfg.tracking.image_size)
+            t1 = time.perf_counter()
+            result.composite = compose(result.frame.image, result.rendered, result.mask, result.faces, opts)
+            result.timings["render"] = (t1 - t0) * 1000.0
+            result.timings["compose"] = (time.perf_counter() - t1) * 1000.0
+
+    def teardown(self) -> None:
+        if self.renderer is not None:
+            self.renderer.close()
+
+
+# -- sources ----------------------------------------------------------------------------------
+
+def _frame_results(source, max_frames: Optional[int], microphone=None) -> Iterator[FrameResult]:
+    it = iter(source)
+    count = 0
+    while max_frames is None or count < max_frames:
+        t0 = time.perf_counter()
+        try:
+            frame = next(it)
+        except StopIteration:
+            return
+        decode_ms = (time.perf_counter() - t0) * 1000.0
+        if microphone is not None:
+            frame.audio.extend(microphone.read())
+        count += 1
+        yield FrameResult(frame=frame, timings={"decode": decode_ms})
+
+
+def _processed_folder(cfg: RunConfig, base: Path) -> Path:
+    o = cfg.output
+    if o.processed_subfolder:
+        return base / o.processed_subfolder
+    if o.resume:
+        previous = sorted(p for p in base.glob("processed_*") if p.is_dir())
+        if previous:
+            return previous[-1]
+    return base / time.strftime("processed_%Y_%b_%d_%H-%M-%S")
+
+
+# -- run --------------------------------------------------------------------------------------
+
+def run(cfg: RunConfig) -> RunSummary:
+    from .compose import ComposeOptions, panel_shape
+    from .reconstruct import create_reconstructor
+    from .sources import open_source
+
+    source = open_source(cfg.input)
+    live = source.live
+    is_folder = not live and getattr(source, "is_image_folder", False)
+    reconstructor = create_reconstructor(cfg)
+    model_name = reconstructor.name
+    log.info("input: %s | model: %s", source.description, model_name)
+
+    sinks = []
+    outputs: dict[str, Path] = {}
+    o = cfg.output
+    try:
+        if not live:
+            base = Path(o.output_folder or ("image_output" if is_folder else "video_output"))
+            if is_folder:
+                outfolder = base / model_name
+            else:
+                stem = Path(cfg.input).stem
+                outfolder = _processed_folder(cfg, base) / stem / "results" / model_name
+            outfolder.mkdir(parents=True, exist_ok=True)
+            outputs["folder"] = outfolder
+            if o.save_images or o.save_codes or o.save_mesh:
+                from .sinks.outputs import FrameOutputs
+
+                sinks.append(FrameOutputs(outfolder, save_images=o.save_images, save_codes=o.save_codes,
+                                          save_mesh=o.save_mesh, render_crop=lambda rec: rec.crop_image))
+            if o.save_video and not is_folder:
+                outputs["video"] = outfolder / f"video_{cfg.compose.image_type}.mp4"
+        if o.record:
+            outputs["video"] = Path(o.record)
+        if "video" in outputs:
+            from .sinks.recorder import Recorder
+
+            c = cfg.compose
+            ph, pw = panel_shape(source.height, source.width, ComposeOptions(
+                include_original=c.include_original, include_rec=c.include_rec,
+                include_transparent=c.include_transparent, cat_dim=c.cat_dim))
+            audio = o.audio and bool(source.audio_rate) if not live else o.audio
+            rate = source.audio_rate if not live else 48000
+            channels = source.audio_channels if not live else 1
+            sinks.append(Recorder(outputs["video"], fps=source.fps or 30.0, width=pw, height=ph,
+                                  audio_rate=rate if audio else None, audio_channels=channels if audio else None))
+        if o.show:
+            from .sinks.window import WindowSink
+
+            sinks.append(WindowSink())
+        if o.webrtc:
+            from .config import parse_host_port
+            from .sinks.webrtc import WebRTCSink
+
+            host, port = parse_host_port(o.webrtc, "--webrtc")
+            sinks.append(WebRTCSink(host=host, port=port, token=o.webrtc_token, max_viewers=o.webrtc_max_viewers,
+                                    fps=source.fps or 30.0, stats=cfg.stats))
+        if o.stream_params:
+            from .sinks.params_stream import ParamStreamSink
+
+            sinks.append(ParamStreamSink(o.stream_params, model_name=model_name))
+        if o.export and not live:
+            from .export import ResultsWriter
+
+            outputs["export"] = outputs["folder"] / f"results.{o.export}"
+            sinks.append(ResultsWriter(outputs["export"], fmt=o.export, model_name=model_name, fps=source.fps or 0.0))
+        if live and not sinks:
+            raise UserError("live input needs somewhere to go: add --show, --webrtc 127.0.0.1:8080 or --record out.mp4")
+
+        microphone = None
+        if live and o.audio and "video" in outputs:
+            from .audio import MicrophoneCapture
+
+            microphone = MicrophoneCapture(device=o.audio_device)
+            microphone.start()
+
+        track_mode = "live" if live else ("image" if is_folder else "video")
+        stages = [TrackStage(cfg, track_mode), ReconstructStage(reconstructor),
+                  RenderStage(cfg, crops=o.save_images and not live)]
+
+        progress = _progress_bar(cfg, source, live)
+        window = next((s for s in sinks if hasattr(s, "should_quit")), None)
+
+        def deliver(result: FrameResult) -> None:
+            t0 = time.perf_counter()
+            for sink in sinks:
+                sink.write(result)
+            result.timings["sinks"] = (time.perf_counter() - t0) * 1000.0
+            if progress is not None:
+                progress.update(1)
+            if window is not None and window.should_quit:
+                pipeline.stop()
+
+        pipeline = Pipeline(
+            _frame_results(source, cfg.max_frames, microphone), stages, live=live,
+            batch_size=cfg.model.batch_size, on_result=deliver,
+            stats_every=5.0 if (cfg.stats and live) else None,
+        )
+        with _stop_on_signals(pipeline):
+            result = pipeline.run()
+        if progress is not None:
+            progress.close()
+        if microphone is not None:
+            microphone.stop()
+    finally:
+        for sink in sinks:
+            try:
+                sink.close()
+            except Exception as err:  # noqa: BLE001 - closing the rest matters more
+                log.error("closing %s failed: %s", type(sink).__name__, err)
+        source.close()
+
+    if result.error is not None:
+        if isinstance(result.error, UserError):
+            raise result.error
+        raise result.error
+    if cfg.stats:
+        print("per-stage latency (ms):\n" + pipeline.times.format())
+    where = outputs.get("video") or outputs.get("folder")
+    note = " (interrupted)" if result.interrupted and not cfg.max_frames else ""
+    print(f"{result.frames_out} frames at {result.fps:.1f} fps{note}" + (f" → {where}" if where else ""))
+    if result.dropped:
+        print(f"dropped {result.dropped} frames to stay live")
+    return RunSummary(ok=True, frames=result.frames_out, result=result, outputs=outputs, model=model_name)
+
+
+def _progress_bar(cfg: RunConfig, source, live: bool):
+    if live or not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    total = source.frame_count
+    if cfg.max_frames is not None and total is not None:
+        total = min(total, cfg.max_frames)
+    return tqdm(total=total, unit="frame", dynamic_ncols=True, leave=False)
+
+
+class _stop_on_signals:
+    """First SIGINT/SIGTERM: finish the frames in flight and finalise outputs. Second: stop at once."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self.previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame):
+        if self.pipeline.stopping:
+            raise KeyboardInterrupt
+        log.warning("stopping: finishing the current frames and closing the outputs (press Ctrl-C again to abort)")
+        self.pipeline.stop()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False

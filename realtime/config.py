@@ -105,6 +105,7 @@ class RunConfig:
         _require(re.fullmatch(r"cpu|cuda(:\d+)?", m.device) is not None, f"--device must be cpu or cuda:N (got {m.device!r})")
         _require(c.cat_dim in (0, 1), f"--cat_dim must be 0 (vertical) or 1 (horizontal) (got {c.cat_dim})")
         _require(c.image_type in IMAGE_TYPES, f"--image_type must be one of {', '.join(IMAGE_TYPES)} (got {c.image_type!r})")
+        _require(c.image_type != "detail" or m.mode == "detail", "--image_type detail needs --mode detail (the detail branch makes the normal map)")
         _require(
             c.include_original or c.include_rec or c.include_transparent,
             "--include_original, --include_rec and --include_transparent are all off: turn at least one panel on",

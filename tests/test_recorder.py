@@ -1,0 +1,284 @@
+"""Recorder: real H.264/AAC files written with PyAV and decoded back."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import av.filter
+import numpy as np
+import pytest
+
+from realtime.errors import MediaError
+from realtime.sinks import Sink
+from realtime.sinks import recorder as recorder_module
+from realtime.sinks.recorder import Recorder, as_frame_rate
+from realtime.types import AudioChunk, Frame, FrameResult
+
+FPS = Fraction(30000, 1001)
+
+
+def sine_chunks(rate: int, seconds: float, layout: str = "mono", freq: float = 440.0) -> list[AudioChunk]:
+    """A sine tone made by FFmpeg's `sine` source, as the AudioChunks a file Source would decode."""
+    graph = av.filter.Graph()
+    src = graph.add("sine", frequency=str(freq), sample_rate=str(rate), duration=str(seconds))
+    if layout == "mono":
+        src.link_to(sink := graph.add("abuffersink"))
+    else:
+        fmt = graph.add("aformat", sample_fmts="flt", channel_layouts=layout)
+        src.link_to(fmt)
+        fmt.link_to(sink := graph.add("abuffersink"))
+    graph.configure()
+    chunks = []
+    while True:
+        try:
+            frame = graph.pull()
+        except (EOFError, av.FFmpegError):
+            break
+        samples = frame.to_ndarray().reshape(frame.samples, -1)  # packed → (n, channels)
+        if samples.dtype == np.int16:
+            samples = samples.astype(np.float32) / 32768.0
+        chunks.append(AudioChunk(float(frame.pts * frame.time_base), frame.sample_rate, samples))
+    return chunks
+
+
+def attach(frames: list[Frame], chunks: list[AudioChunk], fps: Fraction = FPS) -> list[Frame]:
+    """Give each frame the chunks that start before the next frame, as a file Source does."""
+    out, i = [], 0
+    for frame in frames:
+        end = frame.pts + float(1 / fps)
+        audio = []
+        while i < len(chunks) and chunks[i].pts < end:
+            audio.append(chunks[i])
+            i += 1
+        out.append(Frame(frame.index, frame.pts, frame.image, audio))
+    return out
+
+
+@pytest.fixture(scope="module")
+def carphone_frames(carphone_path: Path) -> list[Frame]:
+    with av.open(str(carphone_path)) as container:
+        stream = container.streams.video[0]
+        return [
+            Frame(i, float(f.pts * f.time_base), f.to_ndarray(format="rgb24"))
+            for i, f in enumerate(container.decode(stream))
+        ]
+
+
+def decode(path: Path) -> dict:
+    """Decode a file fully: video pts/frames, audio samples, stream metadata."""
+    with av.open(str(path)) as container:
+        info = {"streams": [s.type for s in container.streams]}
+        v = container.streams.video[0]
+        info["rate"] = v.average_rate
+        info["video_duration"] = float(v.duration * v.time_base)
+        info["size"] = (v.codec_context.width, v.codec_context.height)
+        info["codec"] = v.codec_context.name
+        video_pts, images, audio_pts, audio = [], [], [], []
+        for frame in container.decode(*container.streams):
+            if isinstance(frame, av.VideoFrame):
+                video_pts.append(float(frame.pts * frame.time_base))
+                images.append(frame.to_ndarray(format="rgb24"))
+            else:
+                audio_pts.append(float(frame.pts * frame.time_base))
+                audio.append(frame.to_ndarray().T)  # planar (c, n) → (n, c)
+                info["audio_rate"] = frame.sample_rate
+        if container.streams.audio:
+            a = container.streams.audio[0]
+            info["audio_duration"] = float(a.duration * a.time_base)
+    info.update(video_pts=video_pts, images=images, audio_pts=audio_pts)
+    info["audio"] = np.concatenate(audio) if audio else None
+    return info
+
+
+def dominant_hz(samples: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.argmax(spectrum) * rate / len(samples))
+
+
+def record(path: Path, frames: list[Frame], **kwargs) -> None:
+    h, w = frames[0].image.shape[:2]
+    with Recorder(path, kwargs.pop("fps", FPS), w, h, **kwargs) as rec:
+        for frame in frames:
+            rec.write(FrameResult(frame=frame))
+
+
+def test_recorder_is_a_sink():
+    assert issubclass(Recorder, Sink)
+
+
+def test_120_frames_keep_count_rate_and_duration(tmp_path, carphone_frames):
+    out = tmp_path / "carphone.mp4"
+    record(out, carphone_frames)
+    got = decode(out)
+    assert got["streams"] == ["video"]
+    assert got["codec"] == "h264"
+    assert len(got["video_pts"]) == 120
+    assert got["rate"] == FPS
+    assert got["video_duration"] == pytest.approx(120 * 1001 / 30000, abs=1e-3)
+    assert got["video_pts"] == pytest.approx([f.pts for f in carphone_frames], abs=1e-4)
+    # crf 18: the pictures survive (mean abs error of a few grey levels)
+    err = np.abs(got["images"][60].astype(int) - carphone_frames[60].image.astype(int)).mean()
+    assert err < 4.0
+
+
+def test_composite_is_recorded_in_preference_to_the_frame(tmp_path, carphone_frames):
+    out = tmp_path / "composite.mp4"
+    frame = carphone_frames[0]
+    panel = np.zeros((2 * 144, 176, 3), np.uint8)
+    panel[144:] = (200, 40, 40)
+    with Recorder(out, FPS, 176, 288) as rec:
+        rec.write(FrameResult(frame=frame, composite=panel))
+    got = decode(out)
+    assert got["size"] == (176, 288)
+    assert np.abs(got["images"][0][160:280, 10:160].astype(int) - (200, 40, 40)).max() < 12
+    assert got["images"][0][:130].max() < 30
+
+
+def test_audio_440hz_is_muxed_in_sync(tmp_path, carphone_frames):
+    chunks = sine_chunks(48000, 120 * 1001 / 30000)
+    out = tmp_path / "with_audio.mp4"
+    record(out, attach(carphone_frames, chunks), audio_rate=48000, audio_channels=1)
+    got = decode(out)
+    frame_s = 1001 / 30000
+    assert sorted(got["streams"]) == ["audio", "video"]
+    assert len(got["video_pts"]) == 120
+    assert got["audio_rate"] == 48000
+    assert dominant_hz(got["audio"][:, 0], 48000) == pytest.approx(440, abs=2)
+    assert abs(got["audio_duration"] - got["video_duration"]) <= frame_s
+    assert abs(len(got["audio"]) / 48000 - len(got["video_pts"]) * frame_s) <= frame_s
+    assert abs(got["audio_pts"][0] - got["video_pts"][0]) <= frame_s
+
+
+def test_audio_of_another_rate_and_layout_is_converted(tmp_path, carphone_frames):
+    chunks = sine_chunks(44100, 2.0, layout="stereo")
+    frames = attach(carphone_frames[:60], chunks)
+    out = tmp_path / "resampled.mp4"
+    record(out, frames, audio_rate=48000, audio_channels=1)
+    got = decode(out)
+    assert got["audio_rate"] == 48000 and got["audio"].shape[1] == 1
+    assert dominant_hz(got["audio"][:, 0], 48000) == pytest.approx(440, abs=2)
+    assert len(got["audio"]) / 48000 == pytest.approx(2.0, abs=1001 / 30000)
+
+
+def test_missing_audio_does_not_shift_later_audio(tmp_path, carphone_frames):
+    """Chunks for 1.0–2.0 s never arrive: that stretch is silent and the tone after it starts on time."""
+    chunks = [c for c in sine_chunks(48000, 3.0) if not 1.0 <= c.pts < 2.0]
+    resume = next(c.pts for c in chunks if c.pts >= 2.0)
+    out = tmp_path / "gap.mp4"
+    record(out, attach(carphone_frames[:90], chunks), audio_rate=48000, audio_channels=1)
+    audio = decode(out)["audio"][:, 0]
+
+    def rms(t0: float, t1: float) -> float:
+        return float(np.sqrt(np.mean(audio[int(t0 * 48000) : int(t1 * 48000)] ** 2)))
+
+    # FFmpeg's sine source has amplitude 1/8, so the tone's RMS is about 0.088
+    assert rms(0.1, 0.95) > 0.06
+    assert rms(1.05, 1.95) < 0.005
+    assert rms(2.1, 2.9) > 0.06
+    onset = (int(1.5 * 48000) + np.flatnonzero(np.abs(audio[int(1.5 * 48000) :]) > 0.05)[0]) / 48000
+    assert onset == pytest.approx(resume, abs=0.002)
+
+
+def test_odd_frame_size_is_padded_not_cropped(tmp_path, carphone_frames):
+    frames = [Frame(f.index, f.pts, np.ascontiguousarray(f.image[:143, :175])) for f in carphone_frames[:10]]
+    out = tmp_path / "odd.mp4"
+    record(out, frames)
+    got = decode(out)
+    assert got["size"] == (176, 144)
+    assert len(got["images"]) == 10
+    img = got["images"][5].astype(int)
+    assert np.abs(img[:143, :175] - frames[5].image).mean() < 4.0
+    # the padding repeats the edge: no black border
+    assert np.abs(img[:143, 175] - img[:143, 174]).mean() < 8.0
+    assert np.abs(img[143, :175] - img[142, :175]).mean() < 8.0
+
+
+def test_file_appears_only_on_close_and_no_temp_is_left(tmp_path, carphone_frames):
+    out = tmp_path / "sub" / "atomic.mp4"
+    rec = Recorder(out, FPS, 176, 144)
+    for frame in carphone_frames[:5]:
+        rec.write(FrameResult(frame=frame))
+    assert not out.exists()
+    temps = list(out.parent.iterdir())
+    assert len(temps) == 1 and temps[0].name.startswith(".atomic.mp4.")
+    rec.close()
+    rec.close()  # idempotent
+    assert list(out.parent.iterdir()) == [out]
+    assert len(decode(out)["video_pts"]) == 5
+
+
+def test_crash_midway_still_gives_a_playable_file(tmp_path, carphone_frames):
+    out = tmp_path / "crash.mp4"
+    with pytest.raises(RuntimeError, match="boom"):
+        with Recorder(out, FPS, 176, 144, audio_rate=48000, audio_channels=1) as rec:
+            for frame in attach(carphone_frames, sine_chunks(48000, 4.0)):
+                if frame.index == 50:
+                    raise RuntimeError("boom")
+                rec.write(FrameResult(frame=frame))
+    got = decode(out)
+    assert len(got["video_pts"]) == 50
+    assert got["video_duration"] == pytest.approx(50 * 1001 / 30000, abs=1e-3)
+    assert abs(len(got["audio"]) / 48000 - 50 * 1001 / 30000) <= 1001 / 30000
+    assert list(tmp_path.iterdir()) == [out]
+
+
+def test_no_frames_leaves_no_file(tmp_path):
+    out = tmp_path / "empty.mp4"
+    Recorder(out, 30, 64, 64).close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_live_pts_that_round_onto_one_tick_still_give_every_frame(tmp_path, carphone_frames):
+    jittery = [Frame(i, i * 0.030, f.image) for i, f in enumerate(carphone_frames[:30])]  # 33 fps clock into 30 fps
+    out = tmp_path / "live.mp4"
+    record(out, jittery, fps=30)
+    pts = decode(out)["video_pts"]
+    assert len(pts) == 30
+    assert all(b > a for a, b in zip(pts, pts[1:]))
+
+
+def test_auto_codec_falls_back_to_libx264(tmp_path, monkeypatch, carphone_frames):
+    monkeypatch.setattr(recorder_module, "nvenc_usable", lambda: False)
+    out = tmp_path / "auto.mp4"
+    with Recorder(out, FPS, 176, 144, codec="auto") as rec:
+        assert rec.codec_name == "libx264"
+        rec.write(FrameResult(frame=carphone_frames[0]))
+    assert decode(out)["codec"] == "h264"
+
+
+@pytest.mark.skipif(Path("/dev/nvidiactl").exists(), reason="an NVIDIA device is present")
+def test_nvenc_is_not_usable_without_an_nvidia_gpu():
+    assert recorder_module.nvenc_usable() is False
+
+
+def test_frame_rates_are_exact_fractions():
+    assert as_frame_rate(29.97) == Fraction(30000, 1001)
+    assert as_frame_rate(23.976) == Fraction(24000, 1001)
+    assert as_frame_rate(25.0) == 25
+    assert as_frame_rate(Fraction(30000, 1001)) == Fraction(30000, 1001)
+    assert as_frame_rate(12.5) == Fraction(25, 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("out.avi", {}, "unsupported file type"),
+        ("out.mp4", {"codec": "no_such_codec"}, "no_such_codec"),
+        ("out.mp4", {"audio_rate": 48000}, "audio_rate and audio_channels"),
+        ("out.mp4", {"audio_rate": 48000, "audio_channels": 0}, "positive rate and channel count"),
+        ("out.mp4", {"preset": "warp9"}, "preset warp9"),
+    ],
+)
+def test_bad_settings_are_user_errors_and_leave_nothing(tmp_path, name, kwargs, message):
+    with pytest.raises(MediaError, match=message) as info:
+        Recorder(tmp_path / name, FPS, 176, 144, **kwargs)
+    assert name in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_of_the_wrong_size_is_refused(tmp_path, carphone_frames):
+    with Recorder(tmp_path / "x.mp4", FPS, 64, 64) as rec:
+        with pytest.raises(ValueError, match="64x64"):
+            rec.write(FrameResult(frame=carphone_frames[0]))

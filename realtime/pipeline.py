@@ -235,15 +235,15 @@ class Pipeline:
             item = inbox.get()
             if item is _END:
                 return
-            now = time.perf_counter()
-            item.timings["latency"] = (now - item.frame.captured_at) * 1000.0
-            self.times.add(item.timings)
-            self._frames_out += 1
             if self.on_result is not None:
                 try:
                     self.on_result(item)
                 except BaseException as err:  # noqa: BLE001
                     self._fail(err)
+            now = time.perf_counter()
+            item.timings["latency"] = (now - item.frame.captured_at) * 1000.0  # frame in → delivered to every sink
+            self.times.add(item.timings)
+            self._frames_out += 1
             if self.stats_every and now - last_report >= self.stats_every:
                 log.info("stats after %d frames:\n%s", self._frames_out, self.times.format())
                 last_report = now

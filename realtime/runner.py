@@ -148,11 +148,11 @@ def _processed_folder(cfg: RunConfig, base: Path) -> Path:
 def run(cfg: RunConfig) -> RunSummary:
     from .compose import ComposeOptions, panel_shape
     from .reconstruct import create_reconstructor
-    from .sources import open_source
+    from .sources import ImageFolderSource, open_source
 
     source = open_source(cfg.input)
     live = source.live
-    is_folder = not live and getattr(source, "is_image_folder", False)
+    is_folder = isinstance(source, ImageFolderSource)
     reconstructor = create_reconstructor(cfg)
     model_name = reconstructor.name
     log.info("input: %s | model: %s", source.description, model_name)

@@ -169,4 +169,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if summary.signalled:
+        return 130  # interrupted, with everything done so far finalised
     return 0 if summary.ok else 1

@@ -4,6 +4,7 @@ signals, prints the summary. The CLI calls `run(cfg)`; tests and the bench call 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ class RunSummary:
     result: PipelineResult
     outputs: dict[str, Path] = field(default_factory=dict)
     model: str = ""
+    signalled: bool = False  # stopped by SIGINT/SIGTERM (outputs finalised); the CLI exits 130
 
 
 # -- stages -----------------------------------------------------------------------------------
@@ -71,7 +73,9 @@ class ReconstructStage:
         pass
 
     def process(self, batch: list[FrameResult]) -> None:
-        self.reconstructor.reconstruct(batch)
+        batch = [r for r in batch if not r.replay]
+        if batch:
+            self.reconstructor.reconstruct(batch)
 
     def teardown(self) -> None:
         pass
@@ -98,6 +102,8 @@ class RenderStage:
                               include_transparent=c.include_transparent, black_background=c.black_background,
                               use_mask=c.use_mask, cat_dim=c.cat_dim)
         for result in batch:
+            if result.replay:
+                continue
             h, w = result.frame.image.shape[:2]
             t0 = time.perf_counter()
             result.rendered, result.mask = self.renderer.render(h, w, result.reconstructions, image_type=c.image_type)
@@ -116,20 +122,31 @@ class RenderStage:
 
 # -- sources ----------------------------------------------------------------------------------
 
-def _frame_results(source, max_frames: Optional[int], microphone=None) -> Iterator[FrameResult]:
-    it = iter(source)
-    count = 0
-    while max_frames is None or count < max_frames:
-        t0 = time.perf_counter()
-        try:
-            frame = next(it)
-        except StopIteration:
-            return
-        decode_ms = (time.perf_counter() - t0) * 1000.0
-        if microphone is not None:
-            frame.audio.extend(microphone.read())
-        count += 1
-        yield FrameResult(frame=frame, timings={"decode": decode_ms})
+class FrameFeed:
+    """Source frames as FrameResults; remembers whether the source ran out (vs. a stop or max_frames)."""
+
+    def __init__(self, source, max_frames: Optional[int], microphone=None, replay_frames: int = 0):
+        self.source, self.max_frames, self.microphone = source, max_frames, microphone
+        self.replay_frames = replay_frames  # --resume: frames an earlier run already wrote
+        self.exhausted = False
+
+    def __iter__(self) -> Iterator[FrameResult]:
+        it = iter(self.source)
+        count = 0
+        while self.max_frames is None or count < self.max_frames:
+            t0 = time.perf_counter()
+            try:
+                frame = next(it)
+            except StopIteration:
+                self.exhausted = True
+                return
+            decode_ms = (time.perf_counter() - t0) * 1000.0
+            if self.microphone is not None:
+                frame.audio.extend(self.microphone.read())
+            replay = frame.index < self.replay_frames
+            if not replay:
+                count += 1
+            yield FrameResult(frame=frame, timings={"decode": decode_ms}, replay=replay)
 
 
 def _processed_folder(cfg: RunConfig, base: Path) -> Path:
@@ -146,7 +163,6 @@ def _processed_folder(cfg: RunConfig, base: Path) -> Path:
 # -- run --------------------------------------------------------------------------------------
 
 def run(cfg: RunConfig) -> RunSummary:
-    from .compose import ComposeOptions, panel_shape
     from .reconstruct import create_reconstructor
     from .sources import ImageFolderSource, open_source
 
@@ -157,64 +173,33 @@ def run(cfg: RunConfig) -> RunSummary:
     model_name = reconstructor.name
     log.info("input: %s | model: %s", source.description, model_name)
 
-    sinks = []
-    outputs: dict[str, Path] = {}
     o = cfg.output
+    outputs: dict[str, Path] = {}
+    resume = None
+    if not live:
+        base = Path(o.output_folder or ("image_output" if is_folder else "video_output"))
+        outfolder = base / model_name if is_folder else _processed_folder(cfg, base) / Path(cfg.input).stem / "results" / model_name
+        _make_folder(outfolder)
+        outputs["folder"] = outfolder
+        if o.save_video and not is_folder:
+            outputs["video"] = outfolder / f"video_{cfg.compose.image_type}.mp4"
+        if not is_folder:
+            resume = _Resume(outfolder, cfg.input, outputs.get("video"), enabled=o.resume)
+            if resume.already_complete:
+                source.close()
+                print(f"nothing to do: {outfolder} is complete (progress.json); delete it to run again")
+                return RunSummary(ok=True, frames=0, result=PipelineResult(), outputs=outputs, model=model_name)
+    if o.record:
+        outputs["video"] = Path(o.record)
+
+    sinks: list = []
+    microphone = None
+    feed = None
+    result = PipelineResult()
     try:
-        if not live:
-            base = Path(o.output_folder or ("image_output" if is_folder else "video_output"))
-            if is_folder:
-                outfolder = base / model_name
-            else:
-                stem = Path(cfg.input).stem
-                outfolder = _processed_folder(cfg, base) / stem / "results" / model_name
-            outfolder.mkdir(parents=True, exist_ok=True)
-            outputs["folder"] = outfolder
-            if o.save_images or o.save_codes or o.save_mesh:
-                from .sinks.outputs import FrameOutputs
-
-                sinks.append(FrameOutputs(outfolder, save_images=o.save_images, save_codes=o.save_codes,
-                                          save_mesh=o.save_mesh, render_crop=lambda rec: rec.crop_image))
-            if o.save_video and not is_folder:
-                outputs["video"] = outfolder / f"video_{cfg.compose.image_type}.mp4"
-        if o.record:
-            outputs["video"] = Path(o.record)
-        if "video" in outputs:
-            from .sinks.recorder import Recorder
-
-            c = cfg.compose
-            ph, pw = panel_shape(source.height, source.width, ComposeOptions(
-                include_original=c.include_original, include_rec=c.include_rec,
-                include_transparent=c.include_transparent, cat_dim=c.cat_dim))
-            audio = o.audio and bool(source.audio_rate) if not live else o.audio
-            rate = source.audio_rate if not live else 48000
-            channels = source.audio_channels if not live else 1
-            sinks.append(Recorder(outputs["video"], fps=source.fps or 30.0, width=pw, height=ph,
-                                  audio_rate=rate if audio else None, audio_channels=channels if audio else None))
-        if o.show:
-            from .sinks.window import WindowSink
-
-            sinks.append(WindowSink())
-        if o.webrtc:
-            from .config import parse_host_port
-            from .sinks.webrtc import WebRTCSink
-
-            host, port = parse_host_port(o.webrtc, "--webrtc")
-            sinks.append(WebRTCSink(host=host, port=port, token=o.webrtc_token, max_viewers=o.webrtc_max_viewers,
-                                    fps=source.fps or 30.0, stats=cfg.stats))
-        if o.stream_params:
-            from .sinks.params_stream import ParamStreamSink
-
-            sinks.append(ParamStreamSink(o.stream_params, model_name=model_name))
-        if o.export and not live:
-            from .export import ResultsWriter
-
-            outputs["export"] = outputs["folder"] / f"results.{o.export}"
-            sinks.append(ResultsWriter(outputs["export"], fmt=o.export, model_name=model_name, fps=source.fps or 0.0))
+        sinks = _build_sinks(cfg, source, outputs, model_name, resume)
         if live and not sinks:
             raise UserError("live input needs somewhere to go: add --show, --webrtc 127.0.0.1:8080 or --record out.mp4")
-
-        microphone = None
         if live and o.audio and "video" in outputs:
             from .audio import MicrophoneCapture
 
@@ -224,51 +209,150 @@ def run(cfg: RunConfig) -> RunSummary:
         track_mode = "live" if live else ("image" if is_folder else "video")
         stages = [TrackStage(cfg, track_mode), ReconstructStage(reconstructor),
                   RenderStage(cfg, crops=o.save_images and not live)]
-
         progress = _progress_bar(cfg, source, live)
         window = next((s for s in sinks if hasattr(s, "should_quit")), None)
+        delivered = 0
 
-        def deliver(result: FrameResult) -> None:
+        def deliver(item: FrameResult) -> None:
+            nonlocal delivered
+            if item.replay:
+                return
             t0 = time.perf_counter()
             for sink in sinks:
-                sink.write(result)
-            result.timings["sinks"] = (time.perf_counter() - t0) * 1000.0
+                sink.write(item)
+            item.timings["sinks"] = (time.perf_counter() - t0) * 1000.0
+            delivered += 1
             if progress is not None:
                 progress.update(1)
             if window is not None and window.should_quit:
                 pipeline.stop()
 
-        pipeline = Pipeline(
-            _frame_results(source, cfg.max_frames, microphone), stages, live=live,
-            batch_size=cfg.model.batch_size, on_result=deliver,
-            stats_every=5.0 if (cfg.stats and live) else None,
-        )
-        with _stop_on_signals(pipeline):
+        feed = FrameFeed(source, cfg.max_frames, microphone, replay_frames=resume.frames_done if resume else 0)
+        pipeline = Pipeline(feed, stages, live=live, batch_size=cfg.model.batch_size, on_result=deliver,
+                            stats_every=5.0 if (cfg.stats and live) else None)
+        with _stop_on_signals(pipeline) as signals:
             result = pipeline.run()
+        result.frames_out = delivered
         if progress is not None:
             progress.close()
+    finally:
         if microphone is not None:
             microphone.stop()
-    finally:
         for sink in sinks:
             try:
                 sink.close()
             except Exception as err:  # noqa: BLE001 - closing the rest matters more
                 log.error("closing %s failed: %s", type(sink).__name__, err)
         source.close()
+        if resume is not None and feed is not None:
+            resume.finish(frames=result.frames_out, complete=feed.exhausted and result.error is None)
 
     if result.error is not None:
-        if isinstance(result.error, UserError):
-            raise result.error
         raise result.error
     if cfg.stats:
         print("per-stage latency (ms):\n" + pipeline.times.format())
     where = outputs.get("video") or outputs.get("folder")
-    note = " (interrupted)" if result.interrupted and not cfg.max_frames else ""
+    note = ""
+    if resume is not None and not resume.complete:
+        note = f" (stopped after frame {resume.frames_done}; continue with --resume)"
     print(f"{result.frames_out} frames at {result.fps:.1f} fps{note}" + (f" → {where}" if where else ""))
     if result.dropped:
         print(f"dropped {result.dropped} frames to stay live")
-    return RunSummary(ok=True, frames=result.frames_out, result=result, outputs=outputs, model=model_name)
+    return RunSummary(ok=True, frames=result.frames_out, result=result, outputs=outputs, model=model_name,
+                      signalled=signals.received)
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise UserError(f"cannot create output folder {folder}: a file is in the way ({err.filename}); choose another --output_folder") from err
+    except OSError as err:
+        raise UserError(f"cannot create output folder {folder}: {err.strerror}; choose another --output_folder") from err
+
+
+def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: str, resume: Optional["_Resume"]) -> list:
+    from .compose import ComposeOptions, panel_shape
+
+    o, live, sinks = cfg.output, source.live, []
+    if "folder" in outputs and (o.save_images or o.save_codes or o.save_mesh):
+        from .sinks.outputs import FrameOutputs
+
+        frame_outputs = FrameOutputs(outputs["folder"], save_images=o.save_images, save_codes=o.save_codes,
+                                     save_mesh=o.save_mesh, render_crop=lambda rec: rec.crop_image)
+        if resume is not None and resume.frames_done:
+            frame_outputs.resume(resume.frames_done)
+        sinks.append(frame_outputs)
+    if "video" in outputs:
+        from .sinks.recorder import Recorder
+
+        c = cfg.compose
+        ph, pw = panel_shape(source.height, source.width, ComposeOptions(
+            include_original=c.include_original, include_rec=c.include_rec,
+            include_transparent=c.include_transparent, cat_dim=c.cat_dim))
+        if live:
+            audio_rate, channels = (48000, 1) if o.audio else (None, None)
+        elif o.audio and source.audio_rate:
+            audio_rate, channels = source.audio_rate, source.audio_channels
+        else:
+            audio_rate, channels = None, None
+        path = resume.recording_path if resume is not None and not o.record else outputs["video"]
+        sinks.append(Recorder(path, fps=source.fps or 30.0, width=pw, height=ph,
+                              audio_rate=audio_rate, audio_channels=channels))
+    if o.show:
+        from .sinks.window import WindowSink
+
+        sinks.append(WindowSink())
+    if o.webrtc:
+        from .config import parse_host_port
+        from .sinks.webrtc import WebRTCSink
+
+        host, port = parse_host_port(o.webrtc, "--webrtc")
+        sinks.append(WebRTCSink(host=host, port=port, token=o.webrtc_token, max_viewers=o.webrtc_max_viewers,
+                                fps=source.fps or 30.0, stats=cfg.stats))
+    if o.stream_params:
+        from .sinks.params_stream import ParamStreamSink
+
+        sinks.append(ParamStreamSink(o.stream_params, model_name=model_name))
+    if o.export and "folder" in outputs:
+        from .export import ResultsWriter
+
+        outputs["export"] = outputs["folder"] / f"results.{o.export}"
+        sinks.append(ResultsWriter(outputs["export"], fmt=o.export, model_name=model_name, fps=source.fps or 0.0))
+    return sinks
+
+
+class _Resume:
+    """progress.json bookkeeping for one video's results folder (see realtime.resume)."""
+
+    def __init__(self, folder: Path, input_path: str, video: Optional[Path], enabled: bool):
+        from .resume import Progress
+
+        self.folder, self.input, self.video = folder, str(Path(input_path).resolve()), video
+        previous = Progress.load(folder) if enabled else None
+        if previous is not None and previous.input != self.input:
+            raise UserError(f"cannot resume in {folder}: it holds results of {previous.input}, not {self.input}; "
+                            "pass another --processed_subfolder")
+        self.already_complete = previous is not None and previous.complete
+        self.frames_done = previous.frames_done if previous is not None else 0
+        self.complete = False
+        self.previous_video = self.recording_path = video
+        if video is not None and self.frames_done and not self.already_complete:
+            # What the earlier run wrote moves aside; this run records the rest; finish() joins them.
+            self.previous_video = video.with_name(video.stem + ".previous.mp4")
+            self.recording_path = video.with_name(video.stem + ".resumed.mp4")
+            if video.exists():
+                os.replace(video, self.previous_video)
+            log.info("resuming %s after frame %d", folder, self.frames_done)
+
+    def finish(self, frames: int, complete: bool) -> None:
+        from .resume import Progress, replace_with_join
+
+        if self.video is not None and self.recording_path != self.video:
+            replace_with_join(self.previous_video, self.recording_path, self.video)
+        self.frames_done += frames
+        self.complete = complete
+        Progress(input=self.input, frames_done=self.frames_done, complete=complete).save(self.folder)
 
 
 def _progress_bar(cfg: RunConfig, source, live: bool):
@@ -288,10 +372,12 @@ class _stop_on_signals:
     def __init__(self, pipeline: Pipeline):
         self.pipeline = pipeline
         self.previous: dict[int, object] = {}
+        self.received = False
 
     def _handler(self, signum, frame):
-        if self.pipeline.stopping:
+        if self.received:
             raise KeyboardInterrupt
+        self.received = True
         log.warning("stopping: finishing the current frames and closing the outputs (press Ctrl-C again to abort)")
         self.pipeline.stop()
 

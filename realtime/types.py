@@ -97,3 +97,4 @@ class FrameResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage name → milliseconds
     dropped_before: int = 0  # live input: frames dropped (latest-wins) since the previous result
     skipped_faces: int = 0  # faces dropped this frame (e.g. non-finite model output)
+    replay: bool = False  # --resume: done by an earlier run; only tracked (to restore tracker state), not output

@@ -121,6 +121,22 @@ class _CodeTable:
         self.meta["name"].append(frame.name)
         self.codes.append(codes)
 
+    def load(self, path: Path, before_frame: int) -> None:
+        """Take the rows of an earlier run's ``codes.npz`` for frames < ``before_frame`` (``--resume``)."""
+        with np.load(path) as data:
+            keep = data["frame_index"] < before_frame
+            meta_keys = {"frame_index", "face_index", "track_id", "pts", "crop_matrix", "center", "size", "name"}
+            for i in np.flatnonzero(keep):
+                self.meta["frame_index"].append(int(data["frame_index"][i]))
+                self.meta["face_index"].append(int(data["face_index"][i]))
+                self.meta["track_id"].append(int(data["track_id"][i]))
+                self.meta["pts"].append(float(data["pts"][i]))
+                self.meta["crop_matrix"].append(data["crop_matrix"][i])
+                self.meta["center"].append(tuple(data["center"][i]))
+                self.meta["size"].append(float(data["size"][i]))
+                self.meta["name"].append(str(data["name"][i]) if "name" in data.files else None)
+                self.codes.append({k: data[k][i] for k in data.files if k not in meta_keys and not np.isnan(data[k][i]).all()})
+
     def arrays(self) -> dict[str, np.ndarray]:
         m = self.meta
         out = {
@@ -206,6 +222,12 @@ class FrameOutputs(Sink):
         if self.save_mesh:
             obj = obj_text(rec.vertices, rec.faces).encode()
             atomic_write_bytes(folder / "mesh_coarse.obj", obj, fsync=False)
+
+    def resume(self, before_frame: int) -> None:
+        """Continue an interrupted run: keep its ``codes.npz`` rows for frames < ``before_frame``."""
+        previous = self.outfolder / "codes.npz"
+        if self.save_codes and previous.is_file():
+            self._table.load(previous, before_frame)
 
     def write(self, result: FrameResult) -> None:
         """Write the outputs of every reconstructed face in ``result``."""

@@ -264,10 +264,12 @@ class Recorder(Sink):
             self._audio_track = _AudioTrack(ctx.sample_rate, ctx.layout.name, ctx.frame_size, not small_last)
 
     def _add_video(self, crf: int, preset: str, pix_fmt: str) -> av.VideoStream:
+        # No B-frames: frames leave the encoder as they arrive (lower live latency), and files from an
+        # interrupted run and its --resume concatenate packet by packet (realtime.resume).
         if self.codec_name == "h264_nvenc":
-            options = {"preset": _NVENC_PRESETS.get(preset, preset), "rc": "vbr", "cq": str(crf)}
+            options = {"preset": _NVENC_PRESETS.get(preset, preset), "rc": "vbr", "cq": str(crf), "bf": "0"}
         else:
-            options = {"crf": str(crf), "preset": preset}
+            options = {"crf": str(crf), "preset": preset, "bf": "0"}
         stream = self._container.add_stream(self.codec_name, rate=self.fps, options=options)
         stream.width = self.width + self.width % 2
         stream.height = self.height + self.height % 2

@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--webrtc_token", default=None, help="token viewers must present ('auto' generates one); required off loopback")
     out.add_argument("--webrtc_max_viewers", type=int, default=8, help="concurrent WebRTC viewers")
     out.add_argument("--stream_params", default=None, metavar="udp://HOST:PORT", help="send FLAME parameters per frame and track over UDP")
+    _bool_flag(out, "stream_remote", False, "allow --stream_params to send to a host other than this machine")
     out.add_argument("--smoothing", choices=("auto", "on", "off"), default="auto", help="temporal filtering: auto = on for live input")
     _bool_flag(out, "audio", True, "carry audio: the file's track, or the microphone for live input")
     out.add_argument("--no_audio", dest="audio", action="store_false", help="same as --audio false")
@@ -147,7 +148,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     o.save_video, o.save_images, o.save_codes, o.save_mesh = args.save_video, args.save_images, args.save_codes, args.save_mesh
     o.export, o.record, o.show = args.export, args.record, args.show
     o.webrtc, o.webrtc_token, o.webrtc_max_viewers = args.webrtc, args.webrtc_token, args.webrtc_max_viewers
-    o.stream_params, o.smoothing, o.audio, o.audio_device = args.stream_params, args.smoothing, args.audio, args.audio_device
+    o.stream_params, o.stream_remote = args.stream_params, args.stream_remote
+    o.smoothing, o.audio, o.audio_device = args.smoothing, args.audio, args.audio_device
     return cfg.validate()
 
 

@@ -70,6 +70,7 @@ class OutputConfig:
     webrtc_token: Optional[str] = None
     webrtc_max_viewers: int = 8
     stream_params: Optional[str] = None  # udp://HOST:PORT
+    stream_remote: bool = False  # allow a non-loopback --stream_params host
     export: Optional[str] = None  # npz | json | csv results file per video
     smoothing: str = "auto"  # auto (on for live, off for files) | on | off
     audio: bool = True

@@ -35,9 +35,10 @@ class MediaPipeMeshReconstructor:
 
     name = EMBEDDED_MODEL
 
-    def __init__(self, model_path: Optional[str] = None):
+    def __init__(self, model_path: Optional[str] = None, smoother=None):
         from .face_mesh import canonical_face_mesh
 
+        self.smoother = smoother  # realtime.smoothing.ParamSmoother, or None for raw per-frame output
         _, uv, triangles = canonical_face_mesh(model_path)
         self.faces = np.ascontiguousarray(triangles, dtype=np.int32)
         self.uv = uv
@@ -45,12 +46,15 @@ class MediaPipeMeshReconstructor:
 
     def reconstruct(self, batch: list[FrameResult]) -> None:
         for result in batch:
-            result.reconstructions = [self._one(face) for face in result.faces]
+            result.reconstructions = [self._one(face, result.frame.pts) for face in result.faces]
 
-    def _one(self, face: Face) -> Reconstruction:
+    def _one(self, face: Face, time: float) -> Reconstruction:
         cx, cy = face.center
         s = float(face.size)
-        pts = face.landmarks[: self.n_vertices].astype(np.float64)
+        landmarks = face.landmarks
+        if self.smoother is not None:
+            landmarks = self.smoother.smooth(face.track_id, {"landmarks": landmarks}, time)["landmarks"]
+        pts = landmarks[: self.n_vertices].astype(np.float64)
         world = np.empty_like(pts)
         world[:, 0] = (pts[:, 0] - cx) / s
         world[:, 1] = -(pts[:, 1] - cy) / s
@@ -64,7 +68,7 @@ class MediaPipeMeshReconstructor:
             faces=self.faces,
             world_to_frame=world_to_frame,
             codes={"blendshapes": face.blendshapes.astype(np.float32), "transform": face.transform.astype(np.float32)},
-            landmarks=face.landmarks[:, :2].astype(np.float32),
+            landmarks=landmarks[:, :2].astype(np.float32),
         )
 
 
@@ -72,11 +76,22 @@ def model_available(cfg: RunConfig) -> bool:
     return (cfg.models_dir / cfg.model.name / "cfg.yaml").is_file()
 
 
-def create_reconstructor(cfg: RunConfig) -> Reconstructor:
+def create_smoother(cfg: RunConfig, live: bool):
+    """Temporal filtering: on by default for live input (`--smoothing auto`), off for files."""
+    mode = cfg.output.smoothing
+    if mode == "off" or (mode == "auto" and not live):
+        return None
+    from .smoothing import ParamSmoother
+
+    return ParamSmoother("default")
+
+
+def create_reconstructor(cfg: RunConfig, live: bool = False) -> Reconstructor:
     """The model the config asks for; the embedded MediaPipe mesh when the default EMICA is not installed."""
     m = cfg.model
+    smoother = create_smoother(cfg, live)
     if m.name == EMBEDDED_MODEL:
-        return MediaPipeMeshReconstructor()
+        return MediaPipeMeshReconstructor(smoother=smoother)
     if not model_available(cfg):
         where = cfg.models_dir / m.name
         if m.name_given:
@@ -88,7 +103,7 @@ def create_reconstructor(cfg: RunConfig) -> Reconstructor:
             "EMICA assets not found (%s); running the embedded MediaPipe face mesh. "
             "Install EMICA with: bash download_assets.sh", where,
         )
-        return MediaPipeMeshReconstructor()
+        return MediaPipeMeshReconstructor(smoother=smoother)
     from .model_runtime import ModelReconstructor
 
-    return ModelReconstructor(cfg)
+    return ModelReconstructor(cfg, smoother=smoother)

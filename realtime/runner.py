@@ -169,7 +169,7 @@ def run(cfg: RunConfig) -> RunSummary:
     source = open_source(cfg.input)
     live = source.live
     is_folder = isinstance(source, ImageFolderSource)
-    reconstructor = create_reconstructor(cfg)
+    reconstructor = create_reconstructor(cfg, live=live)
     model_name = reconstructor.name
     log.info("input: %s | model: %s", source.description, model_name)
 
@@ -313,7 +313,7 @@ def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: s
     if o.stream_params:
         from .sinks.params_stream import ParamStreamSink
 
-        sinks.append(ParamStreamSink(o.stream_params, model_name=model_name))
+        sinks.append(ParamStreamSink(o.stream_params, model_name=model_name, allow_remote=o.stream_remote))
     if o.export and "folder" in outputs:
         from .export import ResultsWriter
 

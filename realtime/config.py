@@ -127,11 +127,6 @@ class RunConfig:
         _require(o.webrtc_max_viewers >= 1, f"--webrtc_max_viewers must be at least 1 (got {o.webrtc_max_viewers})")
         return self
 
-    @property
-    def models_dir(self) -> Path:
-        m = self.model
-        return Path(m.path_to_models) if m.path_to_models else Path(m.assets_dir) / "FaceReconstruction" / "models"
-
 
 def parse_host_port(text: str, flag: str) -> tuple[str, int]:
     """'HOST:PORT' or ':PORT' or 'PORT' → (host, port); host defaults to 127.0.0.1."""

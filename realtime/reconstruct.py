@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Optional, Protocol
 
 import numpy as np
 
 from .config import EMBEDDED_MODEL, RunConfig
-from .errors import AssetError
 from .types import Face, FrameResult, Reconstruction
 
 log = logging.getLogger("realtime")
@@ -72,8 +72,13 @@ class MediaPipeMeshReconstructor:
         )
 
 
-def model_available(cfg: RunConfig) -> bool:
-    return (cfg.models_dir / cfg.model.name / "cfg.yaml").is_file()
+def model_folder(cfg: RunConfig) -> Path:
+    """Where `<name>/cfg.yaml` of the configured model is expected (inferno's layout)."""
+    from .models.registry import model_info
+
+    m = cfg.model
+    models = Path(m.path_to_models) if m.path_to_models else Path(m.assets_dir) / model_info(m.name).models_subdir
+    return models / m.name
 
 
 def create_smoother(cfg: RunConfig, live: bool):
@@ -86,19 +91,18 @@ def create_smoother(cfg: RunConfig, live: bool):
     return ParamSmoother("default")
 
 
-def create_reconstructor(cfg: RunConfig, live: bool = False) -> Reconstructor:
-    """The model the config asks for; the embedded MediaPipe mesh when the default EMICA is not installed."""
+def create_reconstructor(cfg: RunConfig, live: bool = False, stable_tracks: bool = True) -> Reconstructor:
+    """The model the config asks for; the embedded MediaPipe mesh when the default EMICA is not installed.
+
+    `stable_tracks` is False for image folders: face k of one photo is not face k of the next, so no
+    identity is shared between them.
+    """
     m = cfg.model
     smoother = create_smoother(cfg, live)
     if m.name == EMBEDDED_MODEL:
         return MediaPipeMeshReconstructor(smoother=smoother)
-    if not model_available(cfg):
-        where = cfg.models_dir / m.name
-        if m.name_given:
-            raise AssetError(
-                f"model {m.name!r} not found: {where}/cfg.yaml is missing; install it with `bash download_assets.sh` "
-                f"(or point --path_to_models / --assets_dir at your copy)"
-            )
+    where = model_folder(cfg)
+    if not (where / "cfg.yaml").is_file() and not m.name_given:
         log.info(
             "EMICA assets not found (%s); running the embedded MediaPipe face mesh. "
             "Install EMICA with: bash download_assets.sh", where,
@@ -106,4 +110,4 @@ def create_reconstructor(cfg: RunConfig, live: bool = False) -> Reconstructor:
         return MediaPipeMeshReconstructor(smoother=smoother)
     from .model_runtime import ModelReconstructor
 
-    return ModelReconstructor(cfg, smoother=smoother)
+    return ModelReconstructor(cfg, smoother=smoother, identity_cache=m.identity_cache and stable_tracks)

@@ -169,7 +169,7 @@ def run(cfg: RunConfig) -> RunSummary:
     source = open_source(cfg.input)
     live = source.live
     is_folder = isinstance(source, ImageFolderSource)
-    reconstructor = create_reconstructor(cfg, live=live)
+    reconstructor = create_reconstructor(cfg, live=live, stable_tracks=not is_folder)
     model_name = reconstructor.name
     log.info("input: %s | model: %s", source.description, model_name)
 

@@ -1,0 +1,165 @@
+"""EMICA / EMOCA / DECA in the pipeline: crops in, Reconstructions out.
+
+Per batch: the 224 crops (and, for EMICA, the 112 ArcFace crops from MediaPipe's eye, nose and
+mouth-corner landmarks aligned to the ArcFace template) → encoders → optional smoothing of the
+per-frame codes → FLAME → one Reconstruction per face, whose `world_to_frame` is the orthographic
+camera composed with the crop similarity (so the renderer draws straight onto the full frame).
+
+Where this differs from inferno: inferno builds the ArcFace crop by running SCRFD on the 224 crop
+and aligning its 5 keypoints; we align MediaPipe's corresponding landmarks instead (no second
+detector; same template and similarity fit, bilinear warp). MICA's identity then differs slightly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .crop import arcface_matrix, arcface_points, warp_arcface, warp_crop
+from .errors import UserError
+from .types import Face, FrameResult, Reconstruction
+
+log = logging.getLogger("realtime")
+
+MODEL_IMAGE_SIZE = 224  # the encoders' AvgPool2d(7) fixes it
+CODE_KEYS = ("shapecode", "expcode", "texcode", "jawpose", "globalpose", "cam", "lightcode", "detailcode")
+SMOOTHED_KEYS = ("globalpose", "jawpose", "cam", "expcode")  # identity is cached instead; light/tex need none
+
+
+class ModelReconstructor:
+    """Runs a model from `realtime.models.load_model` on tracked faces."""
+
+    def __init__(self, cfg: RunConfig, smoother=None, identity_cache: Optional[bool] = None):
+        from .models import load_model
+        from .models.emica import EMICA
+
+        m = cfg.model
+        if cfg.tracking.image_size != MODEL_IMAGE_SIZE:
+            raise UserError(f"--image_size must be {MODEL_IMAGE_SIZE} for {m.name} (its encoders take 224x224 crops)")
+        self.name = m.name
+        self.device = torch.device(m.device)
+        self.model = load_model(m.name, path_to_models=m.path_to_models, assets_dir=m.assets_dir, device=self.device,
+                                mode=m.mode, detail_model=m.detail_model if m.mode == "detail" and m.name.startswith("EMICA") else None)
+        self.is_emica = isinstance(self.model, EMICA)
+        self.faces = self.model.faces.detach().cpu().numpy().astype(np.int32)
+        self.smoother = smoother
+        self.skipped_faces = 0
+        use_cache = m.identity_cache if identity_cache is None else identity_cache
+        self.identity = None
+        if use_cache:
+            from .tracks import IdentityCache
+
+            self.identity = IdentityCache(frames=5)
+        self.uvcoords, self.uvfaces = _uv_topology(self.model)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _inputs(self, items: list[tuple[FrameResult, Face]], need_mica: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        crops = np.stack([warp_crop(r.frame.image, f.crop_matrix, MODEL_IMAGE_SIZE) for r, f in items])
+        image = torch.from_numpy(crops).to(self.device)
+        mica = None
+        if need_mica:
+            aligned = []
+            for i in need_mica:
+                r, f = items[i]
+                aligned.append(warp_arcface(r.frame.image, arcface_matrix(arcface_points(f.landmarks))))
+            mica = torch.from_numpy(np.stack(aligned)).to(self.device)
+        return image, mica
+
+    def _identity(self, items, mica: Optional[torch.Tensor], need: list[int]) -> Optional[torch.Tensor]:
+        """Shape codes per face from the cache (MICA run only for `need`); None = let the model run MICA on all."""
+        if self.identity is None or not self.is_emica:
+            return None
+        fresh = self.model.face_encoder.mica_deca_encoder.mica_encoder(mica).cpu().numpy() if need else None
+        codes = []
+        for i, (_, face) in enumerate(items):
+            if i in need:
+                codes.append(self.identity.update(face.track_id, fresh[need.index(i)]))
+            else:
+                codes.append(self.identity.get(face.track_id))
+        return torch.from_numpy(np.stack(codes).astype(np.float32)).to(self.device)
+
+    # -- run ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def reconstruct(self, batch: list[FrameResult]) -> None:
+        items = [(r, f) for r in batch for f in r.faces]
+        for r in batch:
+            r.reconstructions = []
+        if not items:
+            return
+        cache = self.identity if self.is_emica else None
+        if cache is None:
+            need = list(range(len(items))) if self.is_emica else []
+        else:
+            need = [i for i, (_, f) in enumerate(items) if cache.needs_code(f.track_id) or cache.get(f.track_id) is None]
+        image, mica = self._inputs(items, need)
+        shapecode = self._identity(items, mica, need)
+        if shapecode is None:
+            codes = self.model.encode(image, mica_image=mica)
+        else:
+            codes = self.model.encode(image, shapecode=shapecode)
+        if self.identity is not None and not self.is_emica:
+            codes["shapecode"] = self._cached_predicted_shape(items, codes["shapecode"])
+        if self.smoother is not None:
+            codes = self._smooth(items, codes)
+        geometry = self.model.decode(codes)
+        self._emit(items, codes, geometry)
+
+    def _cached_predicted_shape(self, items, shapecode: torch.Tensor) -> torch.Tensor:
+        """DECA/EMOCA predict identity with the pose: average it per track like MICA's."""
+        raw = shapecode.cpu().numpy()
+        out = [self.identity.update(f.track_id, raw[i]) if self.identity.needs_code(f.track_id) else self.identity.get(f.track_id)
+               for i, (_, f) in enumerate(items)]
+        return torch.from_numpy(np.stack(out).astype(np.float32)).to(shapecode.device)
+
+    def _smooth(self, items, codes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        keys = [k for k in SMOOTHED_KEYS if k in codes]
+        host = {k: codes[k].cpu().numpy() for k in keys}
+        for i, (r, f) in enumerate(items):
+            smoothed = self.smoother.smooth(f.track_id, {k: host[k][i] for k in keys}, r.frame.pts)
+            for k in keys:
+                host[k][i] = smoothed[k]
+        return {**codes, **{k: torch.from_numpy(host[k]).to(codes[k].device) for k in keys}}
+
+    def _emit(self, items, codes: dict[str, torch.Tensor], geometry: dict[str, torch.Tensor]) -> None:
+        from .models.camera import world_to_frame_matrix
+
+        verts = geometry["verts"].float().cpu().numpy()
+        lmk = geometry["predicted_landmarks2d_flame_space"].float().cpu().numpy()
+        host_codes = {k: codes[k].float().cpu().numpy() for k in CODE_KEYS if k in codes}
+        normals = geometry.get("uv_detail_normals")
+        normals = normals.permute(0, 2, 3, 1).float().cpu().numpy() if normals is not None else None
+        displacement = geometry.get("displacement_map")
+        displacement = displacement.float().cpu().numpy() if displacement is not None else None
+        for i, (r, f) in enumerate(items):
+            face_codes = {k: v[i] for k, v in host_codes.items()}
+            finite = np.isfinite(verts[i]).all() and all(np.isfinite(v).all() for v in face_codes.values())
+            if not finite:
+                r.skipped_faces += 1
+                self.skipped_faces += 1
+                if self.skipped_faces in (1, 10, 100) or self.skipped_faces % 1000 == 0:
+                    log.warning("non-finite model output: skipped %d face(s) so far (frame %d, face %d)",
+                                self.skipped_faces, r.frame.index, f.index)
+                continue
+            rec = Reconstruction(
+                face=f, vertices=verts[i], faces=self.faces,
+                world_to_frame=world_to_frame_matrix(face_codes["cam"], f.center, f.size, MODEL_IMAGE_SIZE),
+                codes=face_codes,
+            )
+            rec.landmarks = rec.frame_points(lmk[i])[:, :2]
+            if normals is not None:
+                rec.detail_normals = normals[i]
+                rec.uvcoords, rec.uvfaces = self.uvcoords, self.uvfaces
+                rec.codes["displacement_map"] = displacement[i, 0]
+            r.reconstructions.append(rec)
+
+
+def _uv_topology(model) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """The FLAME UV layout (for detail-normal rendering), when the model has a detail branch."""
+    uv = getattr(getattr(model, "detail", None), "uv", None) or getattr(model, "uv", None)
+    if uv is None or not hasattr(uv, "uvcoords"):
+        return None, None
+    return uv.uvcoords.cpu().numpy().astype(np.float32), uv.uvfaces.cpu().numpy().astype(np.int32)

@@ -7,7 +7,8 @@
 
 Every frame is encoded once per codec and the packets are fanned out to all viewers (aiortc's senders
 accept pre-encoded ``av.Packet`` objects), so an extra viewer costs packetisation, not an encode.
-``write`` never waits: it only swaps a reference to the latest picture and queues audio chunks.
+``write`` never waits: it copies the latest picture (only while someone watches) and queues its audio;
+the sink's own loop encodes at most ``fps`` pictures a second, always the newest.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from aiortc import sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamError
 
 from realtime.errors import UserError
+from realtime.sinks import Sink
 from realtime.types import AudioChunk, FrameResult
 
 logger = logging.getLogger(__name__)
@@ -156,9 +158,11 @@ class VideoEncoder:
         self.fps = fps
         self._codec: Optional[av.VideoCodecContext] = None
         self._keyframe = True
+        self._keyframe_lock = threading.Lock()  # requests come from the loop, encodes run in a worker
 
     def request_keyframe(self) -> None:
-        self._keyframe = True
+        with self._keyframe_lock:
+            self._keyframe = True
 
     def _open(self, width: int, height: int) -> av.VideoCodecContext:
         gop = max(1, round(KEYFRAME_INTERVAL_S * self.fps))
@@ -205,14 +209,15 @@ class VideoEncoder:
         """
         image = _even(image)
         h, w = image.shape[:2]
+        with self._keyframe_lock:
+            keyframe, self._keyframe = self._keyframe, False
         if self._codec is None or (self._codec.width, self._codec.height) != (w, h):
             self._codec = self._open(w, h)
-            self._keyframe = True
+            keyframe = True
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24").reformat(format="yuv420p")
         frame.pts = pts
         frame.time_base = VIDEO_TIME_BASE
-        frame.pict_type = av.video.frame.PictureType.I if self._keyframe else av.video.frame.PictureType.NONE
-        self._keyframe = False
+        frame.pict_type = av.video.frame.PictureType.I if keyframe else av.video.frame.PictureType.NONE
         packets = self._codec.encode(frame)
         for packet in packets:
             packet.pts = pts  # no reordering (no B-frames): each packet is this picture
@@ -362,13 +367,17 @@ class AudioFeed:
 
 
 class PacketFanout:
-    """Hands every packet of one shared encoder to each subscribed viewer track (loop thread only)."""
+    """Hands every packet of one shared encoder to each subscribed viewer track (loop thread only).
 
-    def __init__(self, kind: str, queue_size: int, encoder: Optional[VideoEncoder] = None):
-        self.kind = kind
+    Video viewers start, and restart after their queue overflowed, at a keyframe: packets before it
+    would only decode to garbage.
+    """
+
+    def __init__(self, queue_size: int, encoder: Optional[VideoEncoder] = None):
         self.encoder = encoder
         self._queue_size = queue_size
         self._queues: set[asyncio.Queue] = set()
+        self._awaiting_keyframe: set[asyncio.Queue] = set()
 
     @property
     def subscribers(self) -> int:
@@ -378,26 +387,33 @@ class PacketFanout:
         queue: asyncio.Queue = asyncio.Queue(self._queue_size)
         self._queues.add(queue)
         if self.encoder is not None:
-            self.encoder.request_keyframe()  # the newcomer can only start decoding at a keyframe
+            self._awaiting_keyframe.add(queue)
+            self.encoder.request_keyframe()
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         self._queues.discard(queue)
+        self._awaiting_keyframe.discard(queue)
 
     def publish(self, packets: list[av.Packet]) -> None:
         for queue in self._queues:
             for packet in packets:
                 if queue.full():
                     self._overflow(queue)
+                if queue in self._awaiting_keyframe:
+                    if not packet.is_keyframe:
+                        continue
+                    self._awaiting_keyframe.discard(queue)
                 queue.put_nowait(packet)
 
     def _overflow(self, queue: asyncio.Queue) -> None:
         if self.encoder is None:
             queue.get_nowait()  # audio: drop the oldest 20 ms
             return
-        # Video: a partial backlog cannot be decoded anyway; restart this viewer at a keyframe.
+        # Video: this viewer stalled; drop its backlog and resume it at the next keyframe.
         while not queue.empty():
             queue.get_nowait()
+        self._awaiting_keyframe.add(queue)
         self.encoder.request_keyframe()
 
 
@@ -506,6 +522,12 @@ def _request_token(request: web.Request) -> Optional[str]:
     return request.query.get("token")
 
 
+def _report_crash(task: asyncio.Future) -> None:
+    """A media loop must never stop silently: viewers would see a frozen stream and no reason."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("WebRTC media loop stopped", exc_info=task.exception())
+
+
 def _text(status: int, message: str, **headers: str) -> web.Response:
     return web.Response(status=status, text=message + "\n", headers=headers)
 
@@ -521,7 +543,7 @@ class _Viewer:
     tracks: list[PacketTrack]
 
 
-class WebRTCSink:
+class WebRTCSink(Sink):
     """Serve the output to browsers over WebRTC.
 
     host/port: where the page and signalling listen (port 0 = any free port; see ``port``/``url``).
@@ -547,10 +569,10 @@ class WebRTCSink:
         if not _is_loopback(host) and not token:
             raise UserError(
                 f"refusing to serve WebRTC on {host} without a token: anyone on the network could watch; "
-                "add --webrtc_token SECRET (or --webrtc_token auto), or bind 127.0.0.1"
+                f"add --webrtc_token SECRET (or --webrtc_token auto), or serve on --webrtc 127.0.0.1:{port}"
             )
         if max_viewers < 1:
-            raise UserError(f"max viewers must be at least 1, got {max_viewers}")
+            raise UserError(f"--webrtc_max_viewers must be at least 1, got {max_viewers}")
         if not fps > 0:
             raise UserError(f"WebRTC fps must be positive, got {fps}")
         if audio_channels not in (1, 2):
@@ -571,8 +593,8 @@ class WebRTCSink:
         self._stamp_warned = False
 
         self._audio_feed = AudioFeed(audio_rate, audio_channels)
-        self._video_fanouts = {m: PacketFanout("video", VIDEO_QUEUE, VideoEncoder(m, fps)) for m in SUPPORTED_VIDEO}
-        self._audio_fanout = PacketFanout("audio", AUDIO_QUEUE)
+        self._video_fanouts = {m: PacketFanout(VIDEO_QUEUE, VideoEncoder(m, fps)) for m in SUPPORTED_VIDEO}
+        self._audio_fanout = PacketFanout(AUDIO_QUEUE)
         self._opus = OpusEncoder(audio_rate, audio_channels)
         self._viewers: set[_Viewer] = set()
         self._encode_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="webrtc-encode")
@@ -589,8 +611,8 @@ class WebRTCSink:
         except OSError as e:
             self.close()
             raise UserError(
-                f"cannot serve WebRTC on {host}:{port} ({e.strerror or e}); pick another --webrtc_port "
-                "or stop the program using it"
+                f"cannot serve WebRTC on {host}:{port} ({e.strerror or e}); choose another port with "
+                "--webrtc HOST:PORT or stop the program using it"
             ) from None
         except BaseException:
             self.close()
@@ -651,12 +673,6 @@ class WebRTCSink:
             self._loop.close()
         self._encode_pool.shutdown(wait=True)
 
-    def __enter__(self) -> "WebRTCSink":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- server lifecycle (loop thread) ---------------------------------------------------------
 
     async def _start(self) -> None:
@@ -670,6 +686,8 @@ class WebRTCSink:
         await site.start()
         self.port = self._runner.addresses[0][1]
         self._tasks = [asyncio.ensure_future(self._video_loop()), asyncio.ensure_future(self._audio_loop())]
+        for task in self._tasks:
+            task.add_done_callback(_report_crash)
 
     async def _shutdown(self) -> None:
         for task in self._tasks:

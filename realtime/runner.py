@@ -200,10 +200,11 @@ def run(cfg: RunConfig) -> RunSummary:
         sinks = _build_sinks(cfg, source, outputs, model_name, resume)
         if live and not sinks:
             raise UserError("live input needs somewhere to go: add --show, --webrtc 127.0.0.1:8080 or --record out.mp4")
-        if live and o.audio and "video" in outputs:
+        if live and o.audio and ("video" in outputs or o.webrtc):
             from .audio import MicrophoneCapture
 
-            microphone = MicrophoneCapture(device=o.audio_device)
+            # The same clock as the live source's pts, so sound and picture line up.
+            microphone = MicrophoneCapture(device=o.audio_device, clock_origin=getattr(source, "clock_origin", None))
             microphone.start()
 
         track_mode = "live" if live else ("image" if is_folder else "video")

@@ -17,3 +17,16 @@ def carphone_path() -> Path:
 @pytest.fixture(scope="session")
 def face_model_path() -> Path:
     return DATA / "face_landmarker.task"
+
+
+@pytest.fixture(scope="session")
+def synthetic_assets(tmp_path_factory) -> Path:
+    """An assets folder in inferno's layout with random-weight EMICA and EMOCA (with detail) checkpoints
+    in the exact released key layout, MICA's mica.tar and synthetic FLAME files. Written once per session
+    (about 1 GB, ~30 s): share it, never modify it."""
+    from tests.synthetic_checkpoints import write_emica_model, write_emoca_model
+
+    root = tmp_path_factory.mktemp("assets")
+    write_emica_model(root)
+    write_emoca_model(root)
+    return root

@@ -123,13 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     rn = p.add_argument_group("run")
     _bool_flag(rn, "stats", False, "print per-stage latency (p50/p95) at the end, and every few seconds for live input")
     _bool_flag(rn, "progress", True, "progress bar for files")
+    rn.add_argument("--logger", choices=("none", "wandb"), default="none",
+                    help="log config, per-stage latency, fps and the output video to Weights & Biases (pip install wandb; "
+                         "WANDB_MODE=offline works without an account)")
     rn.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"), help="logging verbosity")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg = RunConfig(input=args.input or "", num_workers=args.num_workers, max_frames=args.max_frames,
-                    stats=args.stats, progress=args.progress)
+                    stats=args.stats, progress=args.progress, logger=args.logger)
     t = cfg.tracking
     t.num_faces, t.scale, t.image_size = args.num_faces, args.scale, args.image_size
     t.device, t.min_confidence = args.tracker_device, args.min_confidence

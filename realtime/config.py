@@ -88,6 +88,7 @@ class RunConfig:
     max_frames: Optional[int] = None
     stats: bool = False
     progress: bool = True
+    logger: str = "none"  # none | wandb
 
     def validate(self) -> "RunConfig":
         """Raise UserError (one line: the flag, the bad value, what is allowed) on a bad value."""
@@ -113,12 +114,14 @@ class RunConfig:
         )
         _require(self.num_workers >= 1, f"--num_workers must be at least 1 (got {self.num_workers})")
         _require(self.max_frames is None or self.max_frames >= 1, f"--max_frames must be at least 1 (got {self.max_frames})")
+        _require(self.logger in ("none", "wandb"), f"--logger must be none or wandb (got {self.logger!r})")
         _require(o.smoothing in ("auto", "on", "off"), f"--smoothing must be auto, on or off (got {o.smoothing!r})")
         _require(o.export in (None, "npz", "json", "csv"), f"--export must be npz, json or csv (got {o.export!r})")
         if o.webrtc is not None:
             parse_host_port(o.webrtc, "--webrtc")
         if o.record is not None:
             _require(o.record.lower().endswith(".mp4"), f"--record must name an .mp4 file (got {o.record!r})")
+            _require(not Path(o.record).is_dir(), f"--record {o.record} is a folder; name an .mp4 file inside it")
             parent = Path(o.record).expanduser().resolve().parent
             _require(parent.is_dir(), f"--record {o.record}: folder {parent} does not exist; create it or choose another path")
         if o.stream_params is not None:

@@ -84,9 +84,10 @@ class ReconstructStage:
 class RenderStage:
     name = "render"
 
-    def __init__(self, cfg: RunConfig, crops: bool):
+    def __init__(self, cfg: RunConfig, crops: bool, panels: bool = True):
         self.cfg = cfg
         self.crops = crops  # also render inferno's per-face geometry.png crop
+        self.panels = panels  # compose the output panels (only video/window/WebRTC sinks show them)
         self.renderer = None
 
     def setup(self) -> None:
@@ -111,7 +112,8 @@ class RenderStage:
                 for rec in result.reconstructions:
                     rec.crop_image = self.renderer.render_crop(rec, image_size=self.cfg.tracking.image_size)
             t1 = time.perf_counter()
-            result.composite = compose(result.frame.image, result.rendered, result.mask, result.faces, opts)
+            if self.panels:
+                result.composite = compose(result.frame.image, result.rendered, result.mask, result.faces, opts)
             result.timings["render"] = (t1 - t0) * 1000.0
             result.timings["compose"] = (time.perf_counter() - t1) * 1000.0
 
@@ -192,10 +194,14 @@ def run(cfg: RunConfig) -> RunSummary:
     if o.record:
         outputs["video"] = Path(o.record)
 
+    from .logger import create_logger
+
     sinks: list = []
     microphone = None
     feed = None
     result = PipelineResult()
+    run_logger = create_logger(cfg.logger)
+    run_logger.log_config(cfg)
     try:
         sinks = _build_sinks(cfg, source, outputs, model_name, resume)
         if live and not sinks:
@@ -208,11 +214,13 @@ def run(cfg: RunConfig) -> RunSummary:
             microphone.start()
 
         track_mode = "live" if live else ("image" if is_folder else "video")
+        panels = "video" in outputs or o.show or bool(o.webrtc)  # the sinks that show the composed panels
         stages = [TrackStage(cfg, track_mode), ReconstructStage(reconstructor),
-                  RenderStage(cfg, crops=o.save_images and not live)]
+                  RenderStage(cfg, crops=o.save_images and not live, panels=panels)]
         progress = _progress_bar(cfg, source, live)
         window = next((s for s in sinks if hasattr(s, "should_quit")), None)
         delivered = 0
+        started = time.perf_counter()
 
         def deliver(item: FrameResult) -> None:
             nonlocal delivered
@@ -223,6 +231,7 @@ def run(cfg: RunConfig) -> RunSummary:
                 sink.write(item)
             item.timings["sinks"] = (time.perf_counter() - t0) * 1000.0
             delivered += 1
+            run_logger.log_frame_stats(delivered, item.timings, delivered / max(time.perf_counter() - started, 1e-9))
             if progress is not None:
                 progress.update(1)
             if window is not None and window.should_quit:
@@ -247,6 +256,9 @@ def run(cfg: RunConfig) -> RunSummary:
         source.close()
         if resume is not None and feed is not None:
             resume.finish(frames=result.frames_out, complete=feed.exhausted and result.error is None)
+        if outputs.get("video") is not None and outputs["video"].is_file() and result.error is None:
+            run_logger.log_video(outputs["video"])
+        run_logger.finish(exit_code=0 if result.error is None else 1)
 
     if result.error is not None:
         raise result.error

@@ -3,17 +3,20 @@
 ``open_source(spec)`` picks the source from what ``spec`` looks like; every source iterates ``Frame``s
 (index from 0, pts in seconds, RGB uint8) and is a context manager. A source is one pass: iterate it
 once, then it closes itself (``close()`` may also be called from another thread to stop it).
+Cameras and streams come wrapped in ``realtime.live.ResilientSource``: captured on their own thread,
+newest frame wins, reconnected after a drop-out.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import av
@@ -50,6 +53,7 @@ class Source:
         audio_rate, audio_channels: the first audio stream's, or None.
         description: a short human-readable name of the input.
         decode_errors: frames/images skipped because they failed to decode.
+        end_reason: why a live input stopped early (read error, timeout), for logs; None otherwise.
     """
 
     live: bool = False
@@ -63,6 +67,7 @@ class Source:
 
     def __init__(self) -> None:
         self.decode_errors = 0
+        self.end_reason: str | None = None
         self._lock = threading.Lock()  # a read and close() never run at the same time
         self._closed = threading.Event()
         self._released = False
@@ -92,7 +97,7 @@ class Source:
                     delay = (frame.pts - first_pts) - (time.monotonic() - start_wall)
                     if delay > 0 and self._closed.wait(delay):
                         return  # closed while waiting for the frame's time
-                frame.captured_at = time.perf_counter()
+                frame.captured_at = frame.captured_at or time.perf_counter()  # kept if the frame says when it was captured
                 yield frame
         finally:
             self.close()
@@ -279,7 +284,8 @@ class CameraSource(Source):
         ok, bgr = self._capture.read()
         pts = time.monotonic() - self._opened_at
         if not ok or bgr is None:
-            log.warning("%s stopped delivering frames after %d frames", self.description, self._index)
+            self.end_reason = f"no frame from the device after {self._index} frames"
+            log.debug("%s: %s", self.description, self.end_reason)
             return None
         image = _to_rgb8(bgr)
         frame = Frame(index=self._index, pts=pts, image=image)
@@ -327,6 +333,7 @@ class _PyAVSource(Source):
 
     _hold_last_frame = False
     _thread_type = "AUTO"  # frame + slice threads: throughput
+    _read_timeout: float | None = None  # streams: seconds FFmpeg waits for data before giving up
 
     def _setup(self, container: av.container.InputContainer, name: str) -> None:
         self._container = container
@@ -361,6 +368,10 @@ class _PyAVSource(Source):
     def _release(self) -> None:
         self._container.close()
 
+    def _input_failed(self, exc: av.FFmpegError) -> None:
+        """Reading stopped with an error: for a file, the rest of it is undecodable."""
+        self._count_decode_error("the rest of the input", exc)
+
     def _decode(self) -> Iterator[Frame]:
         streams = [self._video] if self._audio is None else [self._video, self._audio]
         packets = self._container.demux(*streams)
@@ -368,19 +379,24 @@ class _PyAVSource(Source):
         held: Frame | None = None
         index = 0
         while True:
+            started = time.monotonic()
             try:
                 packet = next(packets)
             except StopIteration:
                 break
             except av.FFmpegError as exc:
-                # The demuxer cannot go on (e.g. a truncated file): end with what was decoded.
-                self._count_decode_error("the rest of the input", exc)
+                # The demuxer cannot go on (a truncated file, a dropped connection): end with what was decoded.
+                self._input_failed(exc)
                 break
+            # When the read timeout runs out, FFmpeg first hands over the packet its parser still holds
+            # and fails only on the next read, a whole timeout later: a read that took the full timeout
+            # is that last packet of a dead connection.
+            timed_out = self._read_timeout is not None and time.monotonic() - started >= self._read_timeout
             try:
                 decoded = packet.decode()
             except av.FFmpegError as exc:
                 self._count_decode_error(f"a {packet.stream.type} packet", exc)
-                continue
+                decoded = []
             for item in decoded:
                 if packet.stream is self._audio:
                     pending.append(self._audio_chunk(item))
@@ -394,6 +410,10 @@ class _PyAVSource(Source):
                         continue
                 frame.audio = self._audio_due(pending, frame.pts + 1.0 / (self.fps or 30.0))
                 yield frame
+            if timed_out:
+                self.end_reason = f"no data for {self._read_timeout:g} s"
+                log.debug("%s: %s", self.description, self.end_reason)
+                break
         if held is not None:
             held.audio = list(pending)
             yield held
@@ -481,6 +501,15 @@ class StreamSource(_PyAVSource):
             raise MediaError(f"Cannot open stream {shown}: {reason}. Check the URL.") from exc
         self._setup(container, shown)
         self.live = True if live is None else live
+        self._read_timeout = timeout
+
+    def _input_failed(self, exc: av.FFmpegError) -> None:
+        """A network read failed: the stream ended, it is not a decode error."""
+        if isinstance(exc, av.ExitError):  # FFmpeg's interrupt: the read timeout ran out
+            self.end_reason = f"no data for {self._read_timeout:g} s"
+        else:
+            self.end_reason = f"read error: {exc.strerror or exc}"
+        log.debug("%s: %s", self.description, self.end_reason)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,18 +523,24 @@ def open_source(spec: str, *, live: bool | None = None, fps: float | None = None
     - a directory: its images in natural order; a single image file: a one-frame source;
     - any other file: a video file (PyAV), with its first audio track.
 
+    Cameras and streams (unless ``live=False``) come as a ``realtime.live.ResilientSource``: they are
+    read on their own thread (a slow consumer gets the newest frame, not a backlog), and a drop-out
+    is bridged with "no signal" frames while the input is reopened with backoff, until closed.
+    Only the first open must succeed.
+
     Args:
         live: override whether the source is treated as live. A file or folder opened with
-            ``live=True`` is played back at its own frame rate, like a camera.
+            ``live=True`` is played back at its own frame rate, like a camera; a stream opened
+            with ``live=False`` is read losslessly and ends at its end.
         fps: frame rate for image folders (default 1); ignored by the other sources.
 
     Raises:
         MediaError: the input is missing, empty, unreadable, has no video, or cannot be opened.
     """
     if spec.isdigit():
-        return CameraSource(int(spec), live=live)
+        return _live_input(functools.partial(CameraSource, int(spec)), live)
     if urlsplit(spec).scheme.lower() in STREAM_SCHEMES and "://" in spec:
-        return StreamSource(spec, live=live)
+        return _live_input(functools.partial(StreamSource, spec), live)
     path = Path(spec).expanduser()
     if path.is_dir():
         return ImageFolderSource(path, fps=fps, live=live)
@@ -515,9 +550,18 @@ def open_source(spec: str, *, live: bool | None = None, fps: float | None = None
             "a camera index (0) or a stream URL."
         )
     if path.is_char_device():
-        return CameraSource(str(path), live=live)
+        return _live_input(functools.partial(CameraSource, str(path)), live)
     if path.stat().st_size == 0:
         raise MediaError(f"Input file is empty (0 bytes): {path}. Copy or export it again.")
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return ImageFolderSource(path, fps=fps, live=live)
     return VideoFileSource(path, live=live)
+
+
+def _live_input(open_fn: Callable[..., Source], live: bool | None) -> Source:
+    """A camera or stream: resilient and threaded when live, the bare source when not."""
+    if live is False:
+        return open_fn(live=False)
+    from realtime.live import ResilientSource  # live.py builds on this module
+
+    return ResilientSource(functools.partial(open_fn, live=True))

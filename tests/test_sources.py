@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from realtime.errors import MediaError
+from realtime.live import ResilientSource
 from realtime.sources import CameraSource, StreamSource, open_source
 
 CARPHONE_STEP = 1001 / 30000
@@ -292,8 +293,7 @@ def http_server(tmp_path):
 
 def test_http_stream_decodes_every_frame_with_stream_pts(http_server, tmp_path):
     write_video(tmp_path / "live.ts", 30, fps=25, size=(64, 48), codec="libx264")  # MPEG-TS, as streamed
-    with open_source(f"{http_server}/live.ts") as source:
-        assert isinstance(source, StreamSource)
+    with StreamSource(f"{http_server}/live.ts") as source:
         assert source.live is True and source.frame_count is None
         assert (source.width, source.height) == (64, 48)
         assert source.fps == pytest.approx(25)
@@ -301,6 +301,39 @@ def test_http_stream_decodes_every_frame_with_stream_pts(http_server, tmp_path):
     assert len(frames) == 30
     np.testing.assert_allclose([f.image.mean() for f in frames], 4 * np.arange(30), atol=2.0)
     np.testing.assert_allclose(np.diff([f.pts for f in frames]), 1 / 25, atol=1e-6)
+    assert source.end_reason is None  # it ended at its end, not on an error
+
+
+def test_live_stream_is_resilient_and_reconnects_after_its_end(http_server, tmp_path):
+    write_video(tmp_path / "live.ts", 30, fps=25, size=(64, 48), codec="libx264")
+    url = f"{http_server}/live.ts"
+    with open_source(url, live=False) as lossless:
+        assert isinstance(lossless, StreamSource) and lossless.live is False
+        assert len(list(lossless)) == 30  # not live: read to the end, then stop
+    source = open_source(url)
+    assert isinstance(source, ResilientSource)
+    assert source.live is True and source.frame_count is None and source.description == url
+    assert (source.width, source.height, source.fps) == (64, 48, pytest.approx(25))
+    levels = []
+    second_pass = None
+    deadline = time.monotonic() + 10
+    for frame in source:  # the server's "stream" ends after 30 frames; the source goes on
+        levels.append(frame.image[:8].mean())  # the top rows: clear of the "no signal" banner
+        if second_pass is None and len(levels) > 1 and levels[-1] < levels[-2] - 50:
+            second_pass = len(levels) - 1  # the ramp starts over
+        if (second_pass is not None and len(levels) >= second_pass + 5) or time.monotonic() > deadline:
+            break
+    source.close()
+    # Pass one's grey ramp (unpaced, so the reader may have skipped some), "no signal" while
+    # reconnecting with the last picture held, then pass two's ramp from the start.
+    assert second_pass is not None
+    held = levels.index(max(levels))
+    assert levels[held] == pytest.approx(4 * 29, abs=2)
+    assert np.all(np.diff(levels[:held]) > 0)
+    np.testing.assert_allclose(levels[held:second_pass], levels[held], atol=1.0)
+    assert levels[second_pass] < 10 and np.all(np.diff(levels[second_pass:]) > 0)
+    assert source.outages == 1 and source.reconnects == 1
+    assert source.no_signal_frames >= 0.5 * 25 - 3  # the first retry waits 0.5 s
 
 
 def test_opencv_capture_converts_to_rgb_and_stamps_monotonic_time(carphone_path):

@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--detail_model", default="EMOCA_v2_lr_mse_20", help="EMOCA/DECA model whose detail branch --mode detail uses with EMICA")
     md.add_argument("--device", default="cpu", help="inference device: cpu or cuda:N")
     md.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (auto picks the fastest available and says why)")
+    md.add_argument("--engines_dir", default="engines", help="where build_engines.py put the ONNX exports / TensorRT engines")
     md.add_argument("--precision", choices=PRECISIONS, default="fp32", help="inference precision")
     md.add_argument("--batch_size", type=int, default=4, help="faces per inference batch (files fill batches; live never waits)")
     md.add_argument("--num_workers", type=int, default=4, help="decode/track worker threads where they help")
@@ -141,6 +142,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     m.name = args.model_name or DEFAULT_MODEL
     m.path_to_models, m.assets_dir, m.mode, m.detail_model = args.path_to_models, args.assets_dir, args.mode, args.detail_model
     m.device, m.backend, m.precision, m.batch_size = args.device, args.backend, args.precision, args.batch_size
+    m.engines_dir = args.engines_dir
     m.identity_cache = args.identity_cache
     c = cfg.compose
     c.include_original, c.include_rec, c.include_transparent = args.include_original, args.include_rec, args.include_transparent

@@ -39,6 +39,7 @@ class ModelConfig:
     detail_model: str = "EMOCA_v2_lr_mse_20"
     device: str = "cpu"
     backend: str = "auto"
+    engines_dir: str = "engines"  # ONNX exports and TensorRT engines from build_engines.py
     precision: str = "fp32"
     batch_size: int = 4
     identity_cache: bool = True  # run MICA once per track, not every frame

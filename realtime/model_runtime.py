@@ -45,6 +45,7 @@ class ModelReconstructor:
         self.model = load_model(m.name, path_to_models=m.path_to_models, assets_dir=m.assets_dir, device=self.device,
                                 mode=m.mode, detail_model=m.detail_model if m.mode == "detail" and m.name.startswith("EMICA") else None)
         self.is_emica = isinstance(self.model, EMICA)
+        self.backend = _attach_engines(self.model, cfg)
         self.faces = self.model.faces.detach().cpu().numpy().astype(np.int32)
         self.smoother = smoother
         self.skipped_faces = 0
@@ -155,6 +156,50 @@ class ModelReconstructor:
                 rec.uvcoords, rec.uvfaces = self.uvcoords, self.uvfaces
                 rec.codes["displacement_map"] = displacement[i, 0]
             r.reconstructions.append(rec)
+
+
+class _EngineModule(torch.nn.Module):
+    """Stands in for a network inside the model: same call, output from an engine (ONNX Runtime, TensorRT,
+    CUDA graphs). The model's own encode/decode (splits, FLAME projection) stay the one code path."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine = engine
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.engine(*inputs)[0]
+
+
+def _attach_engines(model, cfg: RunConfig) -> str:
+    """Choose the inference backend (`--backend`, logged with the reason) and route the image networks through
+    it. FLAME and the detail decoder stay in PyTorch: together well under 1 GMAC, and FLAME's buffers
+    (faces, template) are what the rest of the model reads."""
+    from .engines import create_engines, model_networks, module_sha256, select_backend
+    from .models.emica import EMICA
+
+    m = cfg.model
+    networks = {k: v for k, v in model_networks(model).items() if k not in ("flame", "detail_decoder")}
+    weights = {name: module_sha256(net.module) for name, net in networks.items()}
+    backend, _ = select_backend(m.backend, m.device, m.engines_dir, m.name, list(networks), m.precision,
+                                batch_size=m.batch_size, weights=weights, mode=m.mode)
+    if backend == "torch" and torch.device(m.device).type == "cpu":
+        return backend  # eager PyTorch is the model itself
+    engines = create_engines(backend, networks, m.device, m.precision, m.engines_dir, m.name, mode=m.mode, weights=weights)
+    wrap = {name: _EngineModule(e) for name, e in engines.items()}
+    if isinstance(model, EMICA):
+        enc = model.face_encoder
+        enc.mica_deca_encoder.mica_encoder = wrap["mica"]
+        enc.mica_deca_encoder.deca_encoder = wrap["deca"]
+        enc.expression_encoder = wrap["expression"]
+        if model.detail is not None:
+            model.detail.E_detail = wrap["detail_encoder"]
+    else:
+        model.deca.E_flame = wrap["deca"]
+        if "expression" in wrap:
+            model.deca.E_expression = wrap["expression"]
+        if "detail_encoder" in wrap:
+            model.deca.E_detail = wrap["detail_encoder"]
+    return backend
 
 
 def _uv_topology(model) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:

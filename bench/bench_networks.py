@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""EMICA coarse networks alone: ms per batch and faces/s for every available backend × precision × batch.
+
+    .venv/bin/python bench/bench_networks.py [--batch 1,4,16,64] [--assets_dir assets] [--engines_dir engines]
+
+Rows: MICA, DECA, expression, FLAME, "coarse total" (all four in sequence) and "coarse, identity cached"
+(without MICA, as when a track's shape code is reused). Columns: eager fp32 PyTorch (the baseline, always
+measured in the same run) and whatever else this machine runs: PyTorch fp16 / CUDA graphs / torch.compile on a
+GPU, ONNX Runtime, and TensorRT engines found valid in --engines_dir. "speedup" is baseline ms / ms for the
+same row and batch. Without --assets_dir the weights are random (tests/synthetic_checkpoints.py, written to a
+temp folder): speed does not depend on the values.
+
+Writes bench/results/networks_<device slug>.json. Timings are machine-specific; compare within one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from realtime import engines as E  # noqa: E402
+from realtime.atomic import atomic_write_bytes  # noqa: E402
+from realtime.models import load_model  # noqa: E402
+
+MODEL = "EMICA-CVT_flame2020_notexture"
+ROWS = {
+    "mica": ("mica",),
+    "deca": ("deca",),
+    "expression": ("expression",),
+    "flame": ("flame",),
+    "coarse total": E.COARSE_NETWORKS,
+    "coarse, identity cached": ("deca", "expression", "flame"),
+}
+
+
+@dataclass
+class Variant:
+    """One backend × precision configuration: how to make an engine for a network at the benchmarked batches."""
+
+    label: str
+    backend: str
+    precision: str
+    make: Callable[[E.Network], E.Engine]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores (CPU)"
+
+
+def torch_variants(device: torch.device, batches: tuple[int, ...], with_compile: bool) -> list[Variant]:
+    """Eager fp32 first (the baseline); on a GPU also fp16, CUDA graphs and optionally torch.compile."""
+
+    def torch_engine(precision: str, graphs: bool, channels_last: bool, compiled: bool = False):
+        # A private copy per variant: TorchEngine converts weights in place (channels_last, device).
+        return lambda net: E.TorchEngine(copy.deepcopy(net.module), device, E.network_precision(net.name, precision),
+                                         cuda_graphs=graphs,
+                                         channels_last=channels_last, compile=compiled, batch_sizes=batches,
+                                         name=net.name)
+
+    variants = [Variant("torch eager fp32", "torch", "fp32", torch_engine("fp32", False, False))]
+    if device.type == "cuda":
+        variants += [
+            Variant("torch eager fp16", "torch", "fp16", torch_engine("fp16", False, True)),
+            Variant("torch CUDA graphs fp32", "torch", "fp32", torch_engine("fp32", True, True)),
+            Variant("torch CUDA graphs fp16", "torch", "fp16", torch_engine("fp16", True, True)),
+        ]
+        if with_compile:
+            compiled = torch_engine("fp16", True, True, compiled=True)
+            variants.append(Variant("torch compile+graphs fp16", "torch", "fp16", compiled))
+    return variants
+
+
+def onnxruntime_variant(device: torch.device, onnx_dir: Path, available: E.Availability,
+                        threads: int | None) -> list[Variant]:
+    if not available.onnxruntime or (device.type == "cuda" and not available.onnxruntime_cuda):
+        return []
+
+    def make(net: E.Network) -> E.Engine:
+        path = E.onnx_file(onnx_dir, MODEL, net.name)
+        if not path.is_file():
+            E.export_onnx(net.module, net.example_inputs(1), path, list(net.inputs), list(net.outputs))
+        return E.OnnxRuntimeEngine(path, device, "fp32", threads=threads, name=net.name)
+
+    return [Variant("onnxruntime fp32", "onnxruntime", "fp32", make)]
+
+
+def tensorrt_variants(engines_dir: Path | None, available: E.Availability, weights: dict[str, str],
+                      batches: tuple[int, ...]) -> tuple[list[Variant], list[str]]:
+    """TensorRT engines already built by build_engines.py and valid here for every benchmarked batch."""
+    if engines_dir is None or available.tensorrt_version is None or not available.cuda:
+        return [], []
+    variants, notes = [], []
+    for precision in E.PRECISIONS:
+        try:
+            paths = {
+                n: E.find_engine(engines_dir, E.EngineRequirements(
+                    MODEL, n, E.network_precision(n, precision), weights_sha256=weights[n], gpu_name=available.gpu_name,
+                    compute_capability=available.compute_capability, tensorrt_version=available.tensorrt_version,
+                    batch_size=max(batches)))
+                for n in E.COARSE_NETWORKS
+            }
+        except E.UserError as e:
+            notes.append(f"tensorrt {precision} skipped: {e}")
+            continue
+        variants.append(Variant(f"tensorrt {precision}", "tensorrt", precision,
+                                lambda net, paths=paths: E.TensorRTEngine(paths[net.name], name=net.name)))
+    return variants, notes
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> float:
+    """Median wall time of ``fn`` in ms (GPU work included: synchronised around each call)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - start) * 1000)
+    return statistics.median(samples)
+
+
+def bench_variant(variant: Variant, networks: dict[str, E.Network], device: torch.device,
+                  batches: tuple[int, ...], warmup: int, repeat: int) -> dict[tuple[str, int], float]:
+    """ms per batch for every (row, batch) of one variant."""
+    engines = {name: variant.make(net) for name, net in networks.items()}
+    results = {}
+    with torch.inference_mode():
+        for batch in batches:
+            inputs = {n: tuple(x.to(device) for x in net.example_inputs(batch)) for n, net in networks.items()}
+            for row, parts in ROWS.items():
+                def run(parts=parts):
+                    for n in parts:
+                        engines[n](*inputs[n])
+                results[(row, batch)] = time_ms(run, device, warmup, repeat)
+    return results
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| network | backend | batch | ms / batch | faces/s | speedup |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['network']} | {r['variant']} | {r['batch']} | {r['ms']:.2f} | {r['faces_per_s']:.1f} | "
+                     f"{r['speedup']:.2f}× |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", default=None, help="comma list (default 1,4,16,64 on a GPU, 1,4 on the CPU)")
+    p.add_argument("--assets_dir", default=None, help="real assets (default: random weights in a temp folder)")
+    p.add_argument("--engines_dir", default=None, help="where build_engines.py put TensorRT engines")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10 GPU, 1 CPU)")
+    p.add_argument("--repeat", type=int, default=None, help="timed calls, median reported (default 50 GPU, 3 CPU)")
+    p.add_argument("--compile", action="store_true", help="also torch.compile (GPU; slow to compile)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch and ONNX Runtime alike (default: their defaults, all cores)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/networks_<device>.json)")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    on_gpu = device.type == "cuda"
+    batches = tuple(int(b) for b in (args.batch or ("1,4,16,64" if on_gpu else "1,4")).split(","))
+    warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
+    repeat = args.repeat if args.repeat is not None else (50 if on_gpu else 3)
+    available = E.probe_availability(device)
+
+    with tempfile.TemporaryDirectory(prefix="bench_networks_") as tmp:
+        assets = Path(args.assets_dir) if args.assets_dir else Path(tmp) / "assets"
+        if args.assets_dir is None:
+            from tests.synthetic_checkpoints import write_emica_model
+
+            write_emica_model(assets, MODEL)
+        model = load_model(MODEL, assets_dir=assets, device="cpu")
+        networks = {n: net for n, net in E.model_networks(model).items() if n in E.COARSE_NETWORKS}
+        weights = {n: E.module_sha256(net.module) for n, net in networks.items()}
+        engines_dir = Path(args.engines_dir) if args.engines_dir else None
+        trt, notes = tensorrt_variants(engines_dir, available, weights, batches)
+        variants = (torch_variants(device, batches, args.compile)
+                    + onnxruntime_variant(device, Path(tmp), available, args.threads) + trt)
+        measured = {}
+        for variant in variants:
+            print(f"timing {variant.label} …", file=sys.stderr, flush=True)
+            measured[variant.label] = bench_variant(variant, networks, device, batches, warmup, repeat)
+            if on_gpu:
+                torch.cuda.empty_cache()
+
+    baseline = measured[variants[0].label]
+    rows = [
+        {"network": row, "variant": v.label, "backend": v.backend, "precision": v.precision, "batch": batch,
+         "ms": round(ms, 3), "faces_per_s": round(batch / ms * 1000, 2),
+         "speedup": round(baseline[(row, batch)] / ms, 3)}
+        for row in ROWS for batch in batches for v in variants
+        for ms in [measured[v.label][(row, batch)]]
+    ]
+    name = device_name(device)
+    report = {
+        "bench": "networks",
+        "model": MODEL,
+        "weights": "real" if args.assets_dir else "random (synthetic checkpoint)",
+        "device": name,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "tensorrt": available.tensorrt_version,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32 if on_gpu else None,
+        "batches": list(batches),
+        "warmup": warmup,
+        "repeat": repeat,
+        "baseline": variants[0].label,
+        "notes": notes,
+        "rows": rows,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"networks_{E.slug(name)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, (json.dumps(report, indent=2) + "\n").encode())
+    print(f"{MODEL} coarse networks on {name} ({report['weights']} weights)")
+    print(format_table(rows))
+    for note in notes:
+        print(note)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

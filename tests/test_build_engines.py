@@ -1,0 +1,175 @@
+"""build_engines.py on random-weight checkpoints in the released layout: ONNX exports of the real networks agree
+with PyTorch, up-to-date files are kept, stale ones rebuilt or refused, and TensorRT's absence is one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import build_engines
+from realtime import engines as E
+from realtime.models import load_model
+from realtime.models.encoders import split_code
+from tests.synthetic_checkpoints import write_emica_model, write_emoca_model
+
+MODEL = "EMICA-CVT_flame2020_notexture"
+
+try:
+    import tensorrt  # noqa: F401
+
+    HAS_TRT = True
+except ImportError:
+    HAS_TRT = False
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("assets")
+    write_emica_model(root, MODEL)
+    return root
+
+
+def build(capsys, assets: Path, engines: Path, *extra: str, model: str = MODEL) -> tuple[int, str, str]:
+    rc = build_engines.main(["--model", model, "--assets_dir", str(assets), "--engines_dir", str(engines), *extra])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_flame_export_keep_rebuild_and_refuse(assets, tmp_path, capsys):
+    rc, out, _ = build(capsys, assets, tmp_path, "--networks", "flame")
+    onnx = tmp_path / MODEL / "flame.onnx"
+    assert rc == 0 and onnx.is_file()
+    assert "flame: exported" in out and "max relative error" in out
+    error = float(out.split("max relative error ")[1].split()[0])
+    assert error < 1e-4
+    without_trt = [line for line in out.splitlines() if "TensorRT" in line]
+    if not HAS_TRT:
+        assert without_trt == [f"TensorRT is not installed: stopping after the ONNX exports. To build engines: "
+                               f"{E.TRT_INSTALL_HINT}."]
+        assert E.TRT_INSTALL_HINT.startswith("pip install tensorrt")
+    manifest = E.load_manifest(tmp_path / MODEL / "flame.json")
+    assert manifest.outputs == {"vertices": [-1, 5023, 3], "landmarks2d": [-1, 68, 3], "landmarks3d": [-1, 68, 3],
+                                "landmarks_mediapipe": [-1, 105, 3]}
+    assert manifest.onnx_sha256 == E.file_sha256(onnx)
+
+    # Up to date: kept, byte for byte.
+    before = onnx.stat().st_mtime_ns
+    rc, out, _ = build(capsys, assets, tmp_path, "--networks", "flame", "--onnx-only")
+    assert rc == 0 and f"flame: {onnx} is up to date" in out and onnx.stat().st_mtime_ns == before
+
+    # Weights that differ from the ones exported (as after a checkpoint update): refused, then rebuilt.
+    data = json.loads(manifest.location.read_text())
+    data["weights_sha256"] = "0" * 64
+    manifest.location.write_text(json.dumps(data))
+    rc, _, err = build(capsys, assets, tmp_path, "--networks", "flame", "--onnx-only", "--no-rebuild")
+    assert rc == 2
+    assert err.startswith(f"error: {onnx} is stale (the checkpoint changed (weights sha256 000000000000…")
+    assert "--no-rebuild was given" in err and err.count("\n") == 1
+    rc, out, _ = build(capsys, assets, tmp_path, "--networks", "flame", "--onnx-only")
+    assert rc == 0 and "flame.onnx is stale: the checkpoint changed" in out and "flame: exported" in out
+    assert E.load_manifest(manifest.location).weights_sha256 != "0" * 64
+
+    # A modified ONNX file is not trusted either.
+    onnx.write_bytes(onnx.read_bytes() + b"\0")
+    rc, out, _ = build(capsys, assets, tmp_path, "--networks", "flame", "--onnx-only")
+    assert rc == 0 and "the file was modified after export" in out
+
+
+def test_an_export_that_disagrees_with_pytorch_fails_loudly_and_is_removed(assets, tmp_path, capsys, monkeypatch):
+    def disagree(module, onnx_path, inputs, rtol):
+        raise E.ExportMismatchError(f"{onnx_path}: output 'vertices' differs from PyTorch by 0.5 (relative), above {rtol:g}")
+
+    monkeypatch.setattr(build_engines.E, "validate_onnx", disagree)
+    rc, _, err = build(capsys, assets, tmp_path, "--networks", "flame")
+    assert rc == 1 and err.startswith("error: ") and "output 'vertices' differs from PyTorch by 0.5" in err
+    assert list((tmp_path / MODEL).iterdir()) == []
+
+
+@pytest.mark.slow
+def test_every_coarse_network_exports_and_onnx_reproduces_the_model(assets, tmp_path, capsys):
+    """All four EMICA networks through ONNX Runtime, chained like emica.py, give the model's own geometry."""
+    rc, out, _ = build(capsys, assets, tmp_path, "--onnx-only")
+    assert rc == 0
+    errors = {line.split(":")[0]: float(line.split("max relative error ")[1].split()[0])
+              for line in out.splitlines() if "max relative error" in line}
+    assert set(errors) == {"mica", "deca", "expression", "flame"} and max(errors.values()) < 1e-4
+
+    model = load_model(MODEL, assets_dir=assets)
+    networks = E.model_networks(model)
+    weights = {n: E.module_sha256(net.module) for n, net in networks.items()}
+    backend, reason = E.select_backend("auto", "cpu", tmp_path, MODEL, list(networks), weights=weights,
+                                       available=E.Availability(cuda=False, onnxruntime=True))
+    assert backend == "onnxruntime", reason
+    engines = E.create_engines(backend, networks, "cpu", "fp32", tmp_path, MODEL, weights=weights)
+    gen = torch.Generator().manual_seed(7)
+    image = torch.rand(3, 3, 224, 224, generator=gen)  # batch 3: exported at 1, validated at 2
+    mica_image = torch.rand(3, 3, 112, 112, generator=gen) * 2 - 1
+    (shapecode,) = engines["mica"](mica_image)
+    codes = {"shapecode": shapecode}
+    codes.update(split_code(engines["deca"](image)[0], model.deca_predicts))
+    codes.update(split_code(engines["expression"](image)[0], model.expression_predicts))
+    vertices, landmarks2d, _, _ = engines["flame"](codes["shapecode"], codes["expcode"], codes["globalpose"],
+                                                   codes["jawpose"])
+    with torch.no_grad():
+        want = model(image, mica_image=mica_image)
+    for name in ("shapecode", "expcode", "cam", "jawpose"):
+        assert E.relative_error(codes[name].numpy(), want[name].numpy()) < 1e-4, name
+    assert E.relative_error(vertices.numpy(), want["verts"].numpy()) < 1e-4
+    assert E.relative_error(landmarks2d.numpy(), want["predicted_landmarks2d_flame_space"].numpy()) < 1e-4
+
+
+@pytest.mark.slow
+def test_detail_networks_of_emoca_export(tmp_path, capsys):
+    assets = tmp_path / "assets"
+    write_emoca_model(assets, "EMOCA_v2_lr_mse_20")
+    rc, out, _ = build(capsys, assets, tmp_path / "engines", "--mode", "detail", "--onnx-only",
+                       "--networks", "detail_encoder,detail_decoder", model="EMOCA_v2_lr_mse_20")
+    assert rc == 0
+    errors = {line.split(":")[0]: float(line.split("max relative error ")[1].split()[0])
+              for line in out.splitlines() if "max relative error" in line}
+    assert set(errors) == {"detail_encoder", "detail_decoder"} and max(errors.values()) < 1e-4
+    manifest = E.load_manifest(tmp_path / "engines" / "EMOCA_v2_lr_mse_20" / "detail_decoder.json")
+    assert manifest.mode == "detail"
+    assert manifest.outputs == {"displacement_map": [-1, 1, 256, 256], "uv_detail_normals": [-1, 3, 256, 256]}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--batch", "4,1,16"], "--batch takes min,opt,max with 1 <= min <= opt <= max"),
+        (["--batch", "1,4"], "--batch takes min,opt,max"),
+        (["--precision", "fp8"], "--precision takes a comma list of fp16 and fp32 (got 'fp8')"),
+        (["--force", "--no-rebuild"], "--force and --no-rebuild contradict each other"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
+    rc, out, err = build(capsys, tmp_path, tmp_path / "engines", *args)
+    assert rc == 2 and out == "" and err == f"error: {message}" + err.split(message, 1)[1]
+    assert err.count("\n") == 1 and not (tmp_path / "engines").exists()
+
+
+def test_missing_model_names_the_folder_and_the_fix(tmp_path, capsys):
+    rc, _, err = build(capsys, tmp_path, tmp_path / "engines")
+    assert rc == 2 and f"model '{MODEL}' not found" in err and "download_assets.sh" in err
+
+
+def test_batch_profile_parsing():
+    assert build_engines.parse_batch_profile("1,4,16") == (1, 4, 16)
+    assert build_engines.parse_batch_profile("8") == (8, 8, 8)
+    assert build_engines.parse_precisions("fp16, fp32,fp16") == ("fp16", "fp32")
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()), reason="needs tensorrt and CUDA")
+def test_tensorrt_engines_are_built_and_kept(assets, tmp_path, capsys):
+    rc, out, _ = build(capsys, assets, tmp_path, "--networks", "deca,flame", "--precision", "fp32,fp16",
+                       "--batch", "1,2,4")
+    assert rc == 0
+    folder = tmp_path / MODEL
+    assert len(list(folder.glob("*-b1_2_4-*.engine"))) == 4 and (tmp_path / "timing.cache").is_file()
+    rc, out, _ = build(capsys, assets, tmp_path, "--networks", "deca,flame", "--precision", "fp32,fp16",
+                       "--batch", "1,2,4")
+    assert rc == 0 and out.count("is up to date") == 6  # 2 ONNX + 4 engines

@@ -371,8 +371,6 @@ def test_silent_stream_says_it_did_not_answer(silent_stream_run):
     assert_fails_clearly(run, url, "did not answer")
 
 
-@pytest.mark.xfail(strict=True, reason="config.validate accepts --record naming a folder; the recorder's rename "
-                                        "fails at close, the run exits 0 and leaves .take.mp4.*.tmp.mp4 behind")
 def test_record_onto_a_folder_fails_before_starting(tmp_path, media):
     (tmp_path / "take.mp4").mkdir()
     before = prepare_output(tmp_path)

@@ -310,8 +310,9 @@ def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: s
         else:
             audio_rate, channels = None, None
         path = resume.recording_path if resume is not None and not o.record else outputs["video"]
+        # "auto": h264_nvenc where an NVIDIA GPU is usable (encoding off the CPU), else libx264.
         sinks.append(Recorder(path, fps=source.fps or 30.0, width=pw, height=ph,
-                              audio_rate=audio_rate, audio_channels=channels))
+                              audio_rate=audio_rate, audio_channels=channels, codec="auto"))
     if o.show:
         from .sinks.window import WindowSink
 

@@ -92,3 +92,28 @@ def test_emoca_model_by_name(tmp_path, synthetic_assets, carphone_path):
     assert rc == 0
     sample = _results(tmp_path, "EMOCA_v2_lr_mse_20") / "000001_000"
     assert np.load(sample / "shape.npy").shape == (100,) and np.load(sample / "exp.npy").shape == (50,)
+
+
+def test_non_finite_output_skips_the_face_and_the_run_goes_on(tmp_path, synthetic_assets, carphone_path, monkeypatch, caplog):
+    from realtime.models.emica import EMICA as EmicaModel
+
+    decode = EmicaModel.decode
+    calls = {"n": 0}
+
+    def poisoned(self, codes):
+        out = decode(self, codes)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second batch's faces come out as NaN
+            out["verts"] = out["verts"] * float("nan")
+        return out
+
+    monkeypatch.setattr(EmicaModel, "decode", poisoned)
+    rc = main(["--input", str(carphone_path), "--output_folder", str(tmp_path), "--assets_dir", str(synthetic_assets),
+               "--max_frames", "6", "--batch_size", "2", "--save_codes", "--progress", "false"])
+    assert rc == 0
+    folder = _results(tmp_path, EMICA)
+    codes = np.load(folder / "codes.npz")
+    assert list(codes["frame_index"]) == [0, 1, 4, 5]  # frames 2 and 3 (batch 2) lost their face, nothing else
+    with av.open(str(folder / "video_geometry.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 6  # every frame still written
+    assert "non-finite model output" in caplog.text

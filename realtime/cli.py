@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="video file, image folder or image, camera index (0, 1, …) or rtsp:// / http:// URL "
              "(--input_video and --input_folder are inferno's names for it)",
     )
+    _bool_flag(io, "realtime", False, "play a video file at its own frame rate, like a camera (live mode: frames may be "
+               "dropped to stay real-time; for watching or broadcasting a file with --show / --webrtc)")
     io.add_argument("--max_frames", type=int, default=None, help="stop after this many frames")
 
     tr = p.add_argument_group("face tracking (MediaPipe FaceLandmarker)")
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    cfg = RunConfig(input=args.input or "", num_workers=args.num_workers, max_frames=args.max_frames,
+    cfg = RunConfig(input=args.input or "", realtime=args.realtime, num_workers=args.num_workers, max_frames=args.max_frames,
                     stats=args.stats, progress=args.progress, logger=args.logger)
     t = cfg.tracking
     t.num_faces, t.scale, t.image_size = args.num_faces, args.scale, args.image_size

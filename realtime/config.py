@@ -81,6 +81,7 @@ class OutputConfig:
 @dataclass
 class RunConfig:
     input: str = ""
+    realtime: bool = False  # play a file at its own frame rate as a live source (for --show / --webrtc)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     compose: ComposeConfig = field(default_factory=ComposeConfig)

@@ -166,11 +166,12 @@ def _processed_folder(cfg: RunConfig, base: Path) -> Path:
 
 def run(cfg: RunConfig) -> RunSummary:
     from .reconstruct import create_reconstructor
-    from .sources import ImageFolderSource, open_source
+    from .sources import ImageFolderSource, VideoFileSource, open_source
 
-    source = open_source(cfg.input)
+    source = open_source(cfg.input, live=True if cfg.realtime else None)
     live = source.live
     is_folder = isinstance(source, ImageFolderSource)
+    from_device = live and not isinstance(source, (VideoFileSource, ImageFolderSource))  # camera or stream: sound from the mic
     reconstructor = create_reconstructor(cfg, live=live, stable_tracks=not is_folder)
     model_name = reconstructor.name
     log.info("input: %s | model: %s", source.description, model_name)
@@ -203,15 +204,15 @@ def run(cfg: RunConfig) -> RunSummary:
     run_logger = create_logger(cfg.logger)
     run_logger.log_config(cfg)
     try:
-        sinks = _build_sinks(cfg, source, outputs, model_name, resume)
-        if live and not sinks:
-            raise UserError("live input needs somewhere to go: add --show, --webrtc 127.0.0.1:8080 or --record out.mp4")
-        if live and o.audio and ("video" in outputs or o.webrtc):
+        if from_device and o.audio and ("video" in outputs or o.webrtc):
             from .audio import MicrophoneCapture
 
             # The same clock as the live source's pts, so sound and picture line up.
             microphone = MicrophoneCapture(device=o.audio_device, clock_origin=getattr(source, "clock_origin", None))
             microphone.start()
+        sinks = _build_sinks(cfg, source, outputs, model_name, resume, microphone is not None)
+        if live and not sinks:
+            raise UserError("live input needs somewhere to go: add --show, --webrtc 127.0.0.1:8080 or --record out.mp4")
 
         track_mode = "live" if live else ("image" if is_folder else "video")
         panels = "video" in outputs or o.show or bool(o.webrtc)  # the sinks that show the composed panels
@@ -284,7 +285,8 @@ def _make_folder(folder: Path) -> None:
         raise UserError(f"cannot create output folder {folder}: {err.strerror}; choose another --output_folder") from err
 
 
-def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: str, resume: Optional["_Resume"]) -> list:
+def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: str, resume: Optional["_Resume"],
+                 microphone: bool) -> list:
     from .compose import ComposeOptions, panel_shape
 
     o, live, sinks = cfg.output, source.live, []
@@ -303,8 +305,8 @@ def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: s
         ph, pw = panel_shape(source.height, source.width, ComposeOptions(
             include_original=c.include_original, include_rec=c.include_rec,
             include_transparent=c.include_transparent, cat_dim=c.cat_dim))
-        if live:
-            audio_rate, channels = (48000, 1) if o.audio else (None, None)
+        if microphone:
+            audio_rate, channels = 48000, 1
         elif o.audio and source.audio_rate:
             audio_rate, channels = source.audio_rate, source.audio_channels
         else:

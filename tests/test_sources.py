@@ -26,13 +26,15 @@ CARPHONE_STEP = 1001 / 30000
 
 
 def write_video(path: Path, n_frames: int, fps: int = 30, size=(64, 48), codec="libx264", audio_hz: float | None = None,
-                audio_rate: int = 48000, pix_fmt="yuv420p", audio_seconds: float | None = None) -> None:
+                audio_rate: int = 48000, pix_fmt="yuv420p", audio_seconds: float | None = None,
+                options: dict[str, str] | None = None) -> None:
     """Frame i is a flat grey of level 4*i (so order is visible); optional stereo sine at 0.5 amplitude,
     as long as the video unless ``audio_seconds`` says otherwise."""
     width, height = size
     with av.open(str(path), "w") as container:
         video = container.add_stream(codec, rate=fps)
         video.width, video.height, video.pix_fmt = width, height, pix_fmt
+        video.options = options or {}
         audio = None
         if audio_hz is not None:
             audio = container.add_stream("aac", rate=audio_rate)
@@ -334,6 +336,49 @@ def test_live_stream_is_resilient_and_reconnects_after_its_end(http_server, tmp_
     assert levels[second_pass] < 10 and np.all(np.diff(levels[second_pass:]) > 0)
     assert source.outages == 1 and source.reconnects == 1
     assert source.no_signal_frames >= 0.5 * 25 - 3  # the first retry waits 0.5 s
+
+
+def test_stream_that_stalls_ends_after_one_read_timeout(tmp_path):
+    path = tmp_path / "live.ts"
+    write_video(path, 60, fps=25, size=(64, 48), codec="libx264", options={"bframes": "0"})  # as cameras send
+    data = path.read_bytes()
+    half = len(data) // 2 // 188 * 188  # whole MPEG-TS packets: the first half of the stream
+    release = threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp2t")
+            self.end_headers()
+            self.wfile.write(data[:half])
+            self.wfile.flush()
+            release.wait(10)  # the connection stays open; nothing more comes
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "half.ts").write_bytes(data[:half])
+        with av.open(str(tmp_path / "half.ts")) as container:  # how many pictures the first half holds
+            sent = sum(1 for _ in container.decode(video=0))
+        with StreamSource(f"http://127.0.0.1:{server.server_address[1]}/live.ts", timeout=0.5) as source:
+            got = []
+            for frame in source:
+                got.append((time.monotonic(), frame))
+            ended = time.monotonic()
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert source.end_reason == "no data for 0.5 s"
+    # Every picture up to where the data stopped, in order; FFmpeg may still hold the last few in its
+    # demuxer when a dead connection is given up (a file's end would flush them).
+    assert sent - 4 <= len(got) <= sent
+    np.testing.assert_allclose([f.image.mean() for _, f in got], 4 * np.arange(len(got)), atol=2.0)
+    # Over one timeout after the last data, not two (FFmpeg flushes on the first, fails on the second).
+    assert ended - got[-2][0] < 0.9
 
 
 def test_opencv_capture_converts_to_rgb_and_stamps_monotonic_time(carphone_path):

@@ -143,6 +143,9 @@ class Pipeline:
         self._lock = threading.Lock()
         self._frames_in = 0
         self._frames_out = 0
+        # The source waits until every stage has set up (MediaPipe, GL context), so live input is not
+        # dropped during start-up.
+        self._ready = [threading.Event() for _ in stages]
         n = len(stages) + 1
         if live:
             self._queues = [LatestQueue(2) for _ in range(n)]
@@ -166,6 +169,8 @@ class Pipeline:
     # -- threads -------------------------------------------------------------------------------
     def _feed(self) -> None:
         out = self._queues[0]
+        for ready in self._ready:
+            ready.wait()
         try:
             for item in self.frames:
                 if self._stop.is_set():
@@ -204,6 +209,7 @@ class Pipeline:
         except BaseException as err:  # noqa: BLE001
             self._fail(err)
             ok = False
+        self._ready[index].set()
         ended = False
         while not ended:
             batch, ended = self._take_batch(inbox, batched)

@@ -13,7 +13,6 @@ import build_engines
 from realtime import engines as E
 from realtime.models import load_model
 from realtime.models.encoders import split_code
-from tests.synthetic_checkpoints import write_emica_model, write_emoca_model
 
 MODEL = "EMICA-CVT_flame2020_notexture"
 
@@ -26,10 +25,8 @@ except ImportError:
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("assets")
-    write_emica_model(root, MODEL)
-    return root
+def assets(synthetic_assets) -> Path:
+    return synthetic_assets  # the session's shared EMICA + EMOCA checkpoints (conftest)
 
 
 def build(capsys, assets: Path, engines: Path, *extra: str, model: str = MODEL) -> tuple[int, str, str]:
@@ -122,9 +119,7 @@ def test_every_coarse_network_exports_and_onnx_reproduces_the_model(assets, tmp_
 
 
 @pytest.mark.slow
-def test_detail_networks_of_emoca_export(tmp_path, capsys):
-    assets = tmp_path / "assets"
-    write_emoca_model(assets, "EMOCA_v2_lr_mse_20")
+def test_detail_networks_of_emoca_export(assets, tmp_path, capsys):
     rc, out, _ = build(capsys, assets, tmp_path / "engines", "--mode", "detail", "--onnx-only",
                        "--networks", "detail_encoder,detail_decoder", model="EMOCA_v2_lr_mse_20")
     assert rc == 0

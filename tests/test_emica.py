@@ -17,7 +17,7 @@ from realtime.errors import AssetError, UserError
 from realtime.models import DecaModel, EMICA, load_model
 from realtime.models.checkpoints import load_mica_tar
 from realtime.models.mica import MICA
-from tests.synthetic_checkpoints import CAM_SCALE, write_emica_model, write_emoca_model
+from tests.synthetic_checkpoints import CAM_SCALE
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS_JSON_CANDIDATES = [
@@ -28,17 +28,13 @@ DECA_SPLIT = {"texcode": (0, 50), "jawpose": (50, 53), "globalpose": (53, 56), "
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("assets")
-    write_emica_model(root)
-    return root
+def assets(synthetic_assets) -> Path:
+    return synthetic_assets  # the session's shared EMICA + EMOCA checkpoints (conftest)
 
 
 @pytest.fixture(scope="module")
-def emoca_assets(assets) -> Path:
-    """The same assets folder with an EMOCA v2 model added (only the detail/EMOCA tests pay for it)."""
-    write_emoca_model(assets)
-    return assets
+def emoca_assets(synthetic_assets) -> Path:
+    return synthetic_assets
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,8 @@ class Source:
         width, height: frame size in pixels (image folders: the first image's).
         audio_rate, audio_channels: the first audio stream's, or None.
         description: a short human-readable name of the input.
-        decode_errors: frames/images skipped because they failed to decode.
+        decode_errors: frames/images skipped because they failed to decode, plus frames kept although
+            the decoder had to conceal damage in them (``is_corrupt``).
         end_reason: why a live input stopped early (read error, timeout), for logs; None otherwise.
     """
 
@@ -67,6 +68,7 @@ class Source:
 
     def __init__(self) -> None:
         self.decode_errors = 0
+        self._concealed = 0  # the part of decode_errors that was kept, not skipped
         self.end_reason: str | None = None
         self._lock = threading.Lock()  # a read and close() never run at the same time
         self._closed = threading.Event()
@@ -113,12 +115,25 @@ class Source:
     def _count_decode_error(self, what: str, exc: Exception) -> None:
         """Skip one undecodable frame: count it, warn on the first, keep going."""
         self.decode_errors += 1
-        if self.decode_errors == 1:
+        if self.decode_errors - self._concealed == 1:
             log.warning("%s: skipped %s that failed to decode (%s); continuing", self.description, what, exc)
 
+    def _count_concealed(self, what: str) -> None:
+        """Keep one frame the decoder patched up (its damaged parts guessed from their neighbours):
+        count it and warn on the first, since its picture may be smeared."""
+        self.decode_errors += 1
+        self._concealed += 1
+        if self._concealed == 1:
+            log.warning("%s: %s is corrupt (FFmpeg concealed damaged data in it); keeping it", self.description, what)
+
     def _warn_decode_summary(self) -> None:
-        if self.decode_errors > 1:
-            log.warning("%s: skipped %d undecodable frames in total", self.description, self.decode_errors)
+        skipped = self.decode_errors - self._concealed
+        if skipped > 1:
+            log.warning("%s: skipped %d undecodable frames in total", self.description, skipped)
+        if self._concealed > 1:
+            log.warning(
+                "%s: %d corrupt frames in total were kept with concealed damage", self.description, self._concealed
+            )
 
     def __enter__(self) -> "Source":
         return self
@@ -223,7 +238,10 @@ class ImageFolderSource(Source):
                     raise
                 self.decode_errors += 1
                 log.warning("%s", exc)
-        raise MediaError(f"None of the {len(self._files)} images in {self._files[0].parent} can be decoded.")
+        raise MediaError(
+            f"None of the {len(self._files)} images in {self._files[0].parent} can be decoded: "
+            "re-export them as PNG or JPEG."
+        )
 
     def _next_frame(self) -> Frame | None:
         while self._position < len(self._files):
@@ -253,6 +271,36 @@ class ImageFolderSource(Source):
 # Cameras
 
 
+class _QuietOpenCV:
+    """A context in which OpenCV logs nothing.
+
+    A camera that fails to open makes every OpenCV backend log its own failure (~15 lines, exception
+    text included) ahead of our one-line error. The log level is process-wide and cameras open on
+    several threads at once, so the first to enter silences it and the last to leave restores it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved_level = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved_level = cv2.utils.logging.getLogLevel()
+                cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+            self._users += 1
+
+    def __exit__(self, *exc_info) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                cv2.utils.logging.setLogLevel(self._saved_level)
+
+
+_QUIET_OPENCV = _QuietOpenCV()
+
+
 class CameraSource(Source):
     """A capture device through OpenCV: a camera index, a /dev/video* path, or anything VideoCapture opens.
 
@@ -263,7 +311,8 @@ class CameraSource(Source):
     def __init__(self, device: int | str, *, live: bool | None = None) -> None:
         super().__init__()
         self.description = f"camera {device}"
-        self._capture = cv2.VideoCapture(device)
+        with _QUIET_OPENCV:
+            self._capture = cv2.VideoCapture(device)
         if not self._capture.isOpened():
             self._capture.release()
             raise MediaError(
@@ -339,8 +388,8 @@ class _PyAVSource(Source):
         self._container = container
         self._next_audio_pts = 0.0
         if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["no streams"]  # gone once closed
             container.close()
-            kinds = sorted({s.type for s in container.streams}) or ["no streams"]
             raise MediaError(f"No video stream in {name} (it has {', '.join(kinds)}). Pass a video file or an image.")
         self._video = container.streams.video[0]
         if self._video.codec_context is None:
@@ -378,6 +427,7 @@ class _PyAVSource(Source):
         pending: deque[AudioChunk] = deque()
         held: Frame | None = None
         index = 0
+        video_packets = 0  # compared with frame_count: fewer means the file stops before its index says
         while True:
             started = time.monotonic()
             try:
@@ -392,6 +442,8 @@ class _PyAVSource(Source):
             # and fails only on the next read, a whole timeout later: a read that took the full timeout
             # is that last packet of a dead connection.
             timed_out = self._read_timeout is not None and time.monotonic() - started >= self._read_timeout
+            if packet.stream is self._video and packet.size:
+                video_packets += 1
             try:
                 decoded = packet.decode()
             except av.FFmpegError as exc:
@@ -401,6 +453,8 @@ class _PyAVSource(Source):
                 if packet.stream is self._audio:
                     pending.append(self._audio_chunk(item))
                     continue
+                if item.is_corrupt:
+                    self._count_concealed(f"frame {index}")
                 pts = item.time if item.pts is not None else index / (self.fps or 30.0)
                 frame = Frame(index=index, pts=float(pts), image=item.to_ndarray(format="rgb24"))
                 index += 1
@@ -418,6 +472,10 @@ class _PyAVSource(Source):
             held.audio = list(pending)
             yield held
         self._warn_decode_summary()
+        if self.frame_count and video_packets < self.frame_count:
+            log.warning(
+                "%s ends early: decoded %d of %d frames (truncated?)", self.description, index, self.frame_count
+            )
         if index == 0 and self.decode_errors:
             raise MediaError(f"No frame of {self.description} could be decoded. Re-encode it or check the stream.")
 
@@ -486,17 +544,21 @@ class StreamSource(_PyAVSource):
         options = dict(_LOW_DELAY_OPTIONS)
         if urlsplit(url).scheme in ("rtsp", "rtsps"):
             options["rtsp_transport"] = "tcp"  # UDP RTP loses packets (smeared frames) on busy networks
+        silent = f"Stream {shown} did not answer within {timeout:g} s: check the URL and that the server is sending."
+        started = time.monotonic()
         try:
             container = av.open(url, options=options, timeout=(timeout, timeout))
         except av.ExitError as exc:
-            raise MediaError(
-                f"Stream {shown} did not answer within {timeout:g} s: check the URL and that the server is sending."
-            ) from exc
+            raise MediaError(silent) from exc
         except ConnectionRefusedError as exc:
             raise MediaError(
                 f"Stream {shown} refused the connection: check the host and port and that the server is running."
             ) from exc
         except (av.FFmpegError, OSError) as exc:
+            if time.monotonic() - started >= timeout:
+                # Some protocols (RTSP) turn the interrupt at the timeout into their own error, e.g.
+                # "Invalid data found": an error that took the whole timeout is a server that never answered.
+                raise MediaError(silent) from exc
             reason = getattr(exc, "strerror", None) or exc
             raise MediaError(f"Cannot open stream {shown}: {reason}. Check the URL.") from exc
         self._setup(container, shown)

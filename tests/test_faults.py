@@ -291,24 +291,18 @@ def test_no_input_says_pass_input(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="sources._PyAVSource._setup lists the streams after container.close(): "
-                                        "the message says 'it has no streams' for an audio file")
 def test_audio_only_error_says_what_the_file_has(tmp_path):
     write_audio_only(tmp_path / "voice.m4a")
     run = run_cli(tmp_path, "--input", "voice.m4a")
     assert_fails_clearly(run, "voice.m4a", "it has audio")
 
 
-@pytest.mark.xfail(strict=True, reason="sources.ImageFolderSource._first_readable: 'None of the N images … can be "
-                                        "decoded.' gives no fix")
 def test_folder_of_broken_images_says_what_to_do(tmp_path, media):
     args, _ = _folder_of_broken_images(tmp_path, media)
     run = run_cli(tmp_path, *args)
     assert_fails_clearly(run, "photos", "re-export")
 
 
-@pytest.mark.xfail(strict=True, reason="sources.CameraSource: OpenCV's backends print ~15 lines of "
-                                        "'[ WARN' / 'VIDEOIO' / 'OpenCV(5.1.0) … error:' before our one line")
 def test_camera_failure_prints_only_our_line(tmp_path):
     run = run_cli(tmp_path, "--input", "7", "--record", "take.mp4")
     assert_fails_clearly(run, "camera 7")
@@ -364,8 +358,6 @@ def test_silent_stream_gives_up_after_the_timeout(silent_stream_run, startup_sec
     assert run.seconds - startup_seconds < STREAM_TIMEOUT_S * 2 + 3, (run.seconds, startup_seconds)
 
 
-@pytest.mark.xfail(strict=True, reason="sources.StreamSource: FFmpeg reports the RTSP read timeout as 'Invalid data "
-                                        "found when processing input', so the user is told to check the URL")
 def test_silent_stream_says_it_did_not_answer(silent_stream_run):
     url, run = silent_stream_run
     assert_fails_clearly(run, url, "did not answer")
@@ -414,8 +406,6 @@ def test_truncated_video_completes_with_the_frames_it_has(truncated_run):
     assert_intact(tmp, before, nothing_new=False)
 
 
-@pytest.mark.xfail(strict=True, reason="sources._PyAVSource._decode ends quietly when the file stops early; the "
-                                        "user is not told that only part of the video was processed")
 def test_truncated_video_warns_that_it_ended_early(truncated_run):
     _, _, _, run = truncated_run
     expected = f"{run.frames_reported} of 30"
@@ -440,8 +430,6 @@ def test_concealed_corruption_keeps_every_frame(concealed_run):
     assert_intact(tmp, before, nothing_new=False)
 
 
-@pytest.mark.xfail(strict=True, reason="sources._PyAVSource._decode ignores av.VideoFrame.is_corrupt: a frame the "
-                                        "decoder had to patch up passes without a warning")
 def test_concealed_corruption_is_counted(concealed_run):
     _, _, run = concealed_run
     assert any("corrupt" in line.lower() for line in run.warnings_about("scratched.mp4")), run.stderr

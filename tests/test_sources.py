@@ -18,6 +18,7 @@ import pytest
 from realtime.errors import MediaError
 from realtime.live import ResilientSource
 from realtime.sources import CameraSource, StreamSource, open_source
+from tests.faults import flipped_copy, remux_head, truncated_copy
 
 CARPHONE_STEP = 1001 / 30000
 
@@ -181,6 +182,34 @@ def test_corrupt_frame_is_skipped_counted_and_warned(tmp_path, caplog):
     assert str(path) in one_line(exc) and "No frame" in str(exc.value)
 
 
+def test_concealed_frame_is_kept_counted_and_warned(tmp_path, carphone_path, caplog):
+    clean = remux_head(carphone_path, tmp_path / "clean.mp4", 30)
+    # Bytes flipped inside one H.264 slice: FFmpeg still outputs the frame, patched from its neighbours.
+    scratched = flipped_copy(clean, tmp_path / "scratched.mp4", at=0.3, count=1000)
+    with caplog.at_level(logging.WARNING, logger="realtime.sources"), open_source(str(scratched)) as source:
+        frames = list(source)
+    assert len(frames) == 30 and source.decode_errors == 1
+    warnings = [r.getMessage() for r in caplog.records if str(scratched) in r.getMessage()]
+    assert len(warnings) == 1 and "corrupt" in warnings[0], warnings
+    with open_source(str(clean)) as source:
+        assert len(list(source)) == 30 and source.decode_errors == 0
+
+
+def test_file_that_ends_before_its_index_says_warns_with_the_count(tmp_path, carphone_path, caplog):
+    whole = remux_head(carphone_path, tmp_path / "whole.mp4", 30, faststart=True)  # index first: the head plays
+    partial = truncated_copy(whole, tmp_path / "partial.mp4", 0.3)
+    with caplog.at_level(logging.WARNING, logger="realtime.sources"), open_source(str(partial)) as source:
+        assert source.frame_count == 30
+        frames = list(source)
+    assert 0 < len(frames) < 30
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"{partial} ends early: decoded {len(frames)} of 30 frames (truncated?)" in messages, messages
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="realtime.sources"), open_source(str(whole)) as source:
+        assert len(list(source)) == 30
+    assert caplog.records == []
+
+
 def test_live_playback_is_paced_and_close_from_another_thread_stops_it(av_clip):
     source = open_source(str(av_clip), live=True)
     assert source.live is True
@@ -271,6 +300,15 @@ def test_undecodable_image_in_folder_is_skipped(tmp_path):
     assert [f.name for f in frames] == ["1", "3"]
     assert [f.index for f in frames] == [0, 1]
     assert source.decode_errors == 1
+
+
+def test_folder_of_only_broken_images_says_how_to_fix_it(tmp_path):
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / name).write_bytes(b"not an image")
+    with pytest.raises(MediaError) as exc:
+        open_source(str(tmp_path))
+    message = one_line(exc)
+    assert str(tmp_path) in message and "None of the 2 images" in message and "re-export them" in message
 
 
 # ---------------------------------------------------------------------------------------------- streams and cameras
@@ -443,7 +481,7 @@ def test_file_without_video_stream(tmp_path):
             container.mux(packet)
     with pytest.raises(MediaError) as exc:
         open_source(str(path))
-    assert str(path) in one_line(exc) and "No video stream" in str(exc.value)
+    assert str(path) in one_line(exc) and "No video stream" in str(exc.value) and "it has audio" in str(exc.value)
 
 
 def test_unsupported_codec(tmp_path, carphone_path):
@@ -462,10 +500,13 @@ def test_single_unreadable_image(tmp_path):
     assert str(path) in one_line(exc)
 
 
-def test_camera_that_does_not_exist():
+def test_camera_that_does_not_exist(capfd):
+    level = cv2.utils.logging.getLogLevel()
     with pytest.raises(MediaError) as exc:
         open_source("7")
     assert "Camera 7" in one_line(exc)
+    assert capfd.readouterr().err == ""  # none of OpenCV's per-backend failure reports
+    assert cv2.utils.logging.getLogLevel() == level  # silenced for the open only
 
 
 def test_stream_refused():
@@ -488,6 +529,17 @@ def test_stream_that_never_answers_times_out():
             StreamSource(url, timeout=0.5)
         assert time.monotonic() - start < 5
     assert url in one_line(exc) and "0.5 s" in str(exc.value)
+
+
+def test_silent_rtsp_server_is_reported_as_not_answering():
+    # FFmpeg's RTSP client reports its interrupted read as "Invalid data found", not as a timeout.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        url = f"rtsp://127.0.0.1:{server.getsockname()[1]}/live"
+        with pytest.raises(MediaError) as exc:
+            StreamSource(url, timeout=0.5)
+    assert url in one_line(exc) and "did not answer within 0.5 s" in str(exc.value)
 
 
 def test_stream_password_is_not_shown():

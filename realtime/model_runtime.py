@@ -21,6 +21,7 @@ import torch
 from .config import RunConfig
 from .crop import arcface_matrix, arcface_points, warp_arcface, warp_crop
 from .errors import UserError
+from .gpu_crop import FrameUploader, arcface_batch, crop_batch, unique_frames
 from .types import Face, FrameResult, Reconstruction
 
 log = logging.getLogger("realtime")
@@ -56,9 +57,13 @@ class ModelReconstructor:
 
             self.identity = IdentityCache(frames=5)
         self.uvcoords, self.uvfaces = _uv_topology(self.model)
+        # On a GPU the crops are cut there, batched; on the CPU OpenCV per face is faster (bench/bench_preprocess.py).
+        self.uploader = FrameUploader(self.device) if self.device.type == "cuda" else None
 
     # -- inputs ---------------------------------------------------------------------------------
     def _inputs(self, items: list[tuple[FrameResult, Face]], need_mica: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.uploader is not None:
+            return self._device_inputs(items, need_mica)
         crops = np.stack([warp_crop(r.frame.image, f.crop_matrix, MODEL_IMAGE_SIZE) for r, f in items])
         image = torch.from_numpy(crops).to(self.device)
         mica = None
@@ -68,6 +73,17 @@ class ModelReconstructor:
                 r, f = items[i]
                 aligned.append(warp_arcface(r.frame.image, arcface_matrix(arcface_points(f.landmarks))))
             mica = torch.from_numpy(np.stack(aligned)).to(self.device)
+        return image, mica
+
+    def _device_inputs(self, items: list[tuple[FrameResult, Face]], need_mica: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`_inputs` on the GPU: each frame uploaded once, all crops of the batch in one grid_sample per frame."""
+        frames, frame_index = unique_frames([r.frame.image for r, _ in items])
+        on_device = [self.uploader.upload(image) for image in frames]
+        image = crop_batch(on_device, frame_index, np.stack([f.crop_matrix for _, f in items]), MODEL_IMAGE_SIZE)
+        mica = None
+        if need_mica:
+            matrices = np.stack([arcface_matrix(arcface_points(items[i][1].landmarks)) for i in need_mica])
+            mica = arcface_batch(on_device, [frame_index[i] for i in need_mica], matrices)
         return image, mica
 
     def _identity(self, items, mica: Optional[torch.Tensor], need: list[int]) -> Optional[torch.Tensor]:

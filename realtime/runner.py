@@ -35,8 +35,9 @@ class RunSummary:
 class TrackStage:
     name = "track"
 
-    def __init__(self, cfg: RunConfig, mode: str):
+    def __init__(self, cfg: RunConfig, mode: str, parallel=None):
         self.cfg, self.mode = cfg, mode
+        self.parallel = parallel  # a ParallelTracker already tracking the file ahead, or None
         self.tracker = None
         self.assigner = None
 
@@ -45,14 +46,18 @@ class TrackStage:
         from .tracks import TrackAssigner
 
         t = self.cfg.tracking
-        self.tracker = FaceTracker(num_faces=t.num_faces, scale=t.scale, image_size=t.image_size, mode=self.mode,
-                                   device=t.device, min_confidence=t.min_confidence)
+        if self.parallel is None:
+            self.tracker = FaceTracker(num_faces=t.num_faces, scale=t.scale, image_size=t.image_size, mode=self.mode,
+                                       device=t.device, min_confidence=t.min_confidence)
         if self.mode != "image":
             self.assigner = TrackAssigner()
 
     def process(self, batch: list[FrameResult]) -> None:
         for result in batch:
-            faces = self.tracker.track(result.frame)
+            if self.parallel is not None:
+                faces = self.parallel.faces_for(result.frame)
+            else:
+                faces = self.tracker.track(result.frame)
             if self.assigner is not None:
                 faces = self.assigner.assign(faces, result.frame.pts)
             result.faces = faces
@@ -60,6 +65,8 @@ class TrackStage:
     def teardown(self) -> None:
         if self.tracker is not None:
             self.tracker.close()
+        if self.parallel is not None:
+            self.parallel.close()
 
 
 class ReconstructStage:
@@ -200,6 +207,7 @@ def run(cfg: RunConfig) -> RunSummary:
     sinks: list = []
     microphone = None
     feed = None
+    parallel = None
     result = PipelineResult()
     run_logger = create_logger(cfg.logger)
     run_logger.log_config(cfg)
@@ -215,8 +223,20 @@ def run(cfg: RunConfig) -> RunSummary:
             raise UserError("live input needs somewhere to go: add --show, --webrtc 127.0.0.1:8080 or --record out.mp4")
 
         track_mode = "live" if live else ("image" if is_folder else "video")
+        # Several MediaPipe processes over chunks of a file (each ~1 core, re-detecting at its chunk's start),
+        # only where cores are to spare: up to --num_workers, one per 4 cores.
+        workers = min(cfg.num_workers, (os.cpu_count() or 1) // 4)
+        if isinstance(source, VideoFileSource) and not live and workers > 1:
+            from .parallel_tracking import ParallelTracker
+
+            t = cfg.tracking
+            replayed = resume.frames_done if resume is not None else 0
+            parallel = ParallelTracker(cfg.input, workers=workers,
+                                       max_frames=None if cfg.max_frames is None else replayed + cfg.max_frames,
+                                       num_faces=t.num_faces, scale=t.scale, image_size=t.image_size,
+                                       device=t.device, min_confidence=t.min_confidence)
         panels = "video" in outputs or o.show or bool(o.webrtc)  # the sinks that show the composed panels
-        stages = [TrackStage(cfg, track_mode), ReconstructStage(reconstructor),
+        stages = [TrackStage(cfg, track_mode, parallel), ReconstructStage(reconstructor),
                   RenderStage(cfg, crops=o.save_images and not live, panels=panels)]
         progress = _progress_bar(cfg, source, live)
         window = next((s for s in sinks if hasattr(s, "should_quit")), None)
@@ -247,6 +267,8 @@ def run(cfg: RunConfig) -> RunSummary:
         if progress is not None:
             progress.close()
     finally:
+        if parallel is not None:
+            parallel.close()
         if microphone is not None:
             microphone.stop()
         for sink in sinks:

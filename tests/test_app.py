@@ -136,3 +136,16 @@ def test_user_mistakes_give_one_line_and_nonzero_exit(args, needle):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_parallel_tracker_processes_keep_every_frame_in_order(tmp_path, carphone_path, monkeypatch):
+    """On a many-core machine files are tracked by several processes; the output is still lossless and ordered."""
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    rc = main(["--input", str(carphone_path), "--output_folder", str(tmp_path), "--model_name", "mediapipe",
+               "--num_workers", "2", "--save_codes", "--progress", "false"])
+    assert rc == 0
+    folder = _only("processed_*/carphone_pristine/results/mediapipe", tmp_path)
+    frames, _, _ = _video_info(folder / "video_geometry.mp4")
+    assert frames == 120
+    codes = np.load(folder / "codes.npz")
+    assert list(codes["frame_index"]) == sorted(codes["frame_index"]) and len(codes["frame_index"]) >= 114

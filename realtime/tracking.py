@@ -7,7 +7,11 @@ iBUG points do (``IBUG68_FROM_MEDIAPIPE``), which gives the same box geometry as
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,12 +126,14 @@ class FaceTracker:
 
         if device == "gpu":
             try:
-                return vision.FaceLandmarker.create_from_options(options(BaseOptions.Delegate.GPU)), "gpu"
+                with _quiet_native_stderr():
+                    return vision.FaceLandmarker.create_from_options(options(BaseOptions.Delegate.GPU)), "gpu"
             except (RuntimeError, ValueError) as exc:
                 reason = str(exc).splitlines()[0][:120]
                 log.warning("MediaPipe GPU delegate unavailable (%s); tracking on the CPU.", reason)
         try:
-            return vision.FaceLandmarker.create_from_options(options(BaseOptions.Delegate.CPU)), "cpu"
+            with _quiet_native_stderr():
+                return vision.FaceLandmarker.create_from_options(options(BaseOptions.Delegate.CPU)), "cpu"
         except (RuntimeError, ValueError) as exc:
             raise AssetError(
                 f"{self.model_path} is not a usable MediaPipe FaceLandmarker model ({str(exc).splitlines()[0][:120]}). "
@@ -188,3 +194,27 @@ class FaceTracker:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Hold back what MediaPipe's C++ graph prints to fd 2 while it starts (absl/TFLite INFO and W lines that
+    GLOG_minloglevel does not reach); if starting fails, the held text is passed on so nothing useful is lost."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (e.g. captured by a test runner): nothing to quiet
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))

@@ -117,3 +117,19 @@ def test_non_finite_output_skips_the_face_and_the_run_goes_on(tmp_path, syntheti
     with av.open(str(folder / "video_geometry.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 6  # every frame still written
     assert "non-finite model output" in caplog.text
+
+
+def test_image_folder_with_emica_in_inferno_layout(tmp_path, synthetic_assets):
+    """inferno's demo_face_rec_on_images: image_output/<model>/<stem>00/ with geometry.png, inputs.png and codes."""
+    skimage = pytest.importorskip("skimage")
+    import cv2
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "astronaut.jpg"), cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR))
+    rc = main(["--input", str(folder), "--output_folder", str(tmp_path / "out"), "--assets_dir", str(synthetic_assets),
+               "--save_codes", "--progress", "false"])
+    assert rc == 0
+    sample = tmp_path / "out" / EMICA / "astronaut00"
+    for name in ("geometry.png", "inputs.png", "shape.npy", "exp.npy", "cam.npy"):
+        assert (sample / name).is_file(), name

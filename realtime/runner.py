@@ -274,8 +274,10 @@ def run(cfg: RunConfig) -> RunSummary:
         for sink in sinks:
             try:
                 sink.close()
-            except Exception as err:  # noqa: BLE001 - closing the rest matters more
+            except Exception as err:  # noqa: BLE001 - close the rest first, then report it
                 log.error("closing %s failed: %s", type(sink).__name__, err)
+                if result.error is None:
+                    result.error = err  # an output that could not be finalised makes the run fail
         source.close()
         if resume is not None and feed is not None:
             resume.finish(frames=result.frames_out, complete=feed.exhausted and result.error is None)

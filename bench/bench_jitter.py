@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Temporal stability: frame-to-frame jitter of the reconstructed landmarks, raw vs smoothed, and the
-lag the causal filter adds on a step motion. Writes bench/results/jitter_<model>.json.
+"""Temporal stability: frame-to-frame jitter of the reconstructed landmarks, raw vs causal smoothing
+(`--smoothing on`) vs look-ahead smoothing (`--smoothing lookahead`), and the lag each adds on a step
+motion. Writes bench/results/jitter_<model>.json.
 
     .venv/bin/python bench/bench_jitter.py [--model_name mediapipe] [--assets_dir assets]
 
@@ -76,11 +77,13 @@ def main() -> int:
         clips = {"carphone": REPO / "realtime" / "data" / "carphone_pristine.mp4", **photo_clips(tmp)}
         for name, clip in clips.items():
             raw = landmarks(clip, tmp / f"{name}-raw", "off", extra)
-            smooth = landmarks(clip, tmp / f"{name}-on", "on", extra)
-            row = {"frames": int(raw.shape[0]), "jitter_raw_px": float(jitter(raw)), "jitter_smoothed_px": float(jitter(smooth))}
-            row["reduction"] = row["jitter_raw_px"] / max(row["jitter_smoothed_px"], 1e-9)
-            if name == "step":
-                row["step_lag_frames"] = float(step_lag(raw.mean(axis=1)[:, 0], smooth.mean(axis=1)[:, 0]))
+            row = {"frames": int(raw.shape[0]), "jitter_raw_px": float(jitter(raw))}
+            for mode, label in (("on", "causal"), ("lookahead", "lookahead")):
+                smooth = landmarks(clip, tmp / f"{name}-{mode}", mode, extra)
+                row[f"jitter_{label}_px"] = float(jitter(smooth))
+                row[f"reduction_{label}"] = row["jitter_raw_px"] / max(row[f"jitter_{label}_px"], 1e-9)
+                if name == "step":
+                    row[f"step_lag_{label}_frames"] = float(step_lag(raw.mean(axis=1)[:, 0], smooth.mean(axis=1)[:, 0]))
             report["clips"][name] = row
             print(name, json.dumps(row))
     model = next((extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--model_name"), "default")

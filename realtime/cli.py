@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .config import BACKENDS, DEFAULT_MODEL, IMAGE_TYPES, MODES, PRECISIONS, RunConfig
+from .config import BACKENDS, DEFAULT_MODEL, IMAGE_TYPES, MODES, PRECISIONS, SMOOTHING_MODES, RunConfig
 from .errors import UserError
 
 log = logging.getLogger("realtime")
@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--webrtc_max_viewers", type=int, default=8, help="concurrent WebRTC viewers")
     out.add_argument("--stream_params", default=None, metavar="udp://HOST:PORT", help="send FLAME parameters per frame and track over UDP")
     _bool_flag(out, "stream_remote", False, "allow --stream_params to send to a host other than this machine")
-    out.add_argument("--smoothing", choices=("auto", "on", "off"), default="auto", help="temporal filtering: auto = on for live input")
+    out.add_argument("--smoothing", choices=SMOOTHING_MODES, default="auto",
+                     help="temporal filtering: on = causal (no delay), auto = on for live input only, lookahead = video files only: "
+                          "zero-phase over a few frames before and after each frame (no lag on fast moves, output held back by ~0.1 s)")
     _bool_flag(out, "audio", True, "carry audio: the file's track, or the microphone for live input")
     out.add_argument("--no_audio", dest="audio", action="store_false", help="same as --audio false")
     out.add_argument("--audio_device", default=None, help="microphone (index or name part) for live input")

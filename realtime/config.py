@@ -18,6 +18,7 @@ MODES = ("coarse", "detail")
 IMAGE_TYPES = ("geometry", "detail")
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
+SMOOTHING_MODES = ("auto", "on", "off", "lookahead")
 
 
 @dataclass
@@ -73,7 +74,7 @@ class OutputConfig:
     stream_params: Optional[str] = None  # udp://HOST:PORT
     stream_remote: bool = False  # allow a non-loopback --stream_params host
     export: Optional[str] = None  # npz | json | csv results file per video
-    smoothing: str = "auto"  # auto (on for live, off for files) | on | off
+    smoothing: str = "auto"  # auto (on for live, off for files) | on | off | lookahead (files: zero-phase, delayed)
     audio: bool = True
     audio_device: Optional[str] = None
 
@@ -116,8 +117,13 @@ class RunConfig:
         )
         _require(self.num_workers >= 1, f"--num_workers must be at least 1 (got {self.num_workers})")
         _require(self.max_frames is None or self.max_frames >= 1, f"--max_frames must be at least 1 (got {self.max_frames})")
+        _require(not (o.resume and o.smoothing == "lookahead"),
+                 "--resume cannot continue a --smoothing lookahead run exactly (its first frames would lack the earlier "
+                 "neighbours); rerun without --resume, or use --smoothing on")
         _require(self.logger in ("none", "wandb"), f"--logger must be none or wandb (got {self.logger!r})")
-        _require(o.smoothing in ("auto", "on", "off"), f"--smoothing must be auto, on or off (got {o.smoothing!r})")
+        _require(o.smoothing in SMOOTHING_MODES, f"--smoothing must be one of {', '.join(SMOOTHING_MODES)} (got {o.smoothing!r})")
+        _require(o.smoothing != "lookahead" or not self.realtime,
+                 "--smoothing lookahead waits for later frames, which --realtime playback cannot: use --smoothing on or auto")
         _require(o.export in (None, "npz", "json", "csv"), f"--export must be npz, json or csv (got {o.export!r})")
         if o.webrtc is not None:
             parse_host_port(o.webrtc, "--webrtc")

@@ -142,6 +142,14 @@ class ModelReconstructor:
         return {**codes, **{k: torch.from_numpy(host[k]).to(codes[k].device) for k in keys}}
 
     def _emit(self, items, codes: dict[str, torch.Tensor], geometry: dict[str, torch.Tensor]) -> None:
+        for (r, f), rec in zip(items, self._build(items, codes, geometry)):
+            if rec is None:
+                self._skip(r, f)
+                continue
+            r.reconstructions.append(rec)
+
+    def _build(self, items, codes: dict[str, torch.Tensor], geometry: dict[str, torch.Tensor]) -> list[Optional[Reconstruction]]:
+        """One Reconstruction per (result, face) item from decoded batch outputs; None where an output is non-finite."""
         from .models.camera import world_to_frame_matrix
 
         verts = geometry["verts"].float().cpu().numpy()
@@ -151,15 +159,12 @@ class ModelReconstructor:
         normals = normals.permute(0, 2, 3, 1).float().cpu().numpy() if normals is not None else None
         displacement = geometry.get("displacement_map")
         displacement = displacement.float().cpu().numpy() if displacement is not None else None
-        for i, (r, f) in enumerate(items):
+        out: list[Optional[Reconstruction]] = []
+        for i, (_, f) in enumerate(items):
             face_codes = {k: v[i] for k, v in host_codes.items()}
             finite = np.isfinite(verts[i]).all() and all(np.isfinite(v).all() for v in face_codes.values())
             if not finite:
-                r.skipped_faces += 1
-                self.skipped_faces += 1
-                if self.skipped_faces in (1, 10, 100) or self.skipped_faces % 1000 == 0:
-                    log.warning("non-finite model output: skipped %d face(s) so far (frame %d, face %d)",
-                                self.skipped_faces, r.frame.index, f.index)
+                out.append(None)
                 continue
             rec = Reconstruction(
                 face=f, vertices=verts[i], faces=self.faces,
@@ -171,7 +176,45 @@ class ModelReconstructor:
                 rec.detail_normals = normals[i]
                 rec.uvcoords, rec.uvfaces = self.uvcoords, self.uvfaces
                 rec.codes["displacement_map"] = displacement[i, 0]
-            r.reconstructions.append(rec)
+            out.append(rec)
+        return out
+
+    def _skip(self, r: FrameResult, f: Face) -> None:
+        """Count (and now and then log) a face left out because its output is not finite."""
+        r.skipped_faces += 1
+        self.skipped_faces += 1
+        if self.skipped_faces in (1, 10, 100) or self.skipped_faces % 1000 == 0:
+            log.warning("non-finite model output: skipped %d face(s) so far (frame %d, face %d)",
+                        self.skipped_faces, r.frame.index, f.index)
+
+    # -- look-ahead smoothing (realtime.lookahead) ----------------------------------------------
+    def temporal_codes(self, rec: Reconstruction) -> dict[str, np.ndarray]:
+        """The per-frame codes that temporal smoothing acts on (identity, light and texture are not)."""
+        return {k: rec.codes[k] for k in SMOOTHED_KEYS if k in rec.codes}
+
+    @torch.inference_mode()
+    def redecode(self, recs: list[Reconstruction], codes: list[dict[str, np.ndarray]]) -> list[Reconstruction]:
+        """Run FLAME (and the detail decoder) again on smoothed codes: one batch for all `recs`.
+
+        Args:
+            recs: (N) reconstructions made by this model.
+            codes: (N) dicts replacing some of each rec's codes (`temporal_codes` keys).
+
+        Returns:
+            (N) new reconstructions of the same faces; where the new output is not finite the input rec
+            is kept (it was finite), so smoothing never loses a face.
+        """
+        if not recs:
+            return []
+        keys = [k for k in CODE_KEYS if k in recs[0].codes]
+        batch = {k: torch.from_numpy(np.stack([np.asarray({**r.codes, **c}[k], np.float32) for r, c in zip(recs, codes)]))
+                 .to(self.device) for k in keys}
+        items = [(None, r.face) for r in recs]
+        fresh = self._build(items, batch, self.model.decode(batch))
+        for rec, new in zip(recs, fresh):
+            if new is None:
+                log.warning("non-finite output after smoothing (track %d): kept the unsmoothed face", rec.face.track_id)
+        return [rec if new is None else new for rec, new in zip(recs, fresh)]
 
 
 class _EngineModule(torch.nn.Module):

@@ -25,6 +25,12 @@ class Reconstructor(Protocol):
     def reconstruct(self, batch: list[FrameResult]) -> None:
         """Fill `result.reconstructions` for every result in the batch (one per face, in face order)."""
 
+    def temporal_codes(self, rec: Reconstruction) -> dict[str, np.ndarray]:
+        """The per-frame values of `rec` that look-ahead smoothing replaces (names from realtime.smoothing.KEY_GROUPS)."""
+
+    def redecode(self, recs: list[Reconstruction], codes: list[dict[str, np.ndarray]]) -> list[Reconstruction]:
+        """New reconstructions of the same faces with `codes[i]` in place of `temporal_codes(recs[i])`."""
+
 
 class MediaPipeMeshReconstructor:
     """MediaPipe's 3D landmarks as a mesh.
@@ -49,11 +55,15 @@ class MediaPipeMeshReconstructor:
             result.reconstructions = [self._one(face, result.frame.pts) for face in result.faces]
 
     def _one(self, face: Face, time: float) -> Reconstruction:
-        cx, cy = face.center
-        s = float(face.size)
         landmarks = face.landmarks
         if self.smoother is not None:
             landmarks = self.smoother.smooth(face.track_id, {"landmarks": landmarks}, time)["landmarks"]
+        return self._mesh(face, landmarks)
+
+    def _mesh(self, face: Face, landmarks: np.ndarray) -> Reconstruction:
+        """The mesh of (478, 3) frame-pixel landmarks, in the face's box-normalised world space."""
+        cx, cy = face.center
+        s = float(face.size)
         pts = landmarks[: self.n_vertices].astype(np.float64)
         world = np.empty_like(pts)
         world[:, 0] = (pts[:, 0] - cx) / s
@@ -71,6 +81,15 @@ class MediaPipeMeshReconstructor:
             landmarks=landmarks[:, :2].astype(np.float32),
         )
 
+    # -- look-ahead smoothing (realtime.lookahead) ----------------------------------------------
+    def temporal_codes(self, rec: Reconstruction) -> dict[str, np.ndarray]:
+        """The per-frame values that temporal smoothing acts on: the tracked landmarks the mesh is built from."""
+        return {"landmarks": rec.face.landmarks}
+
+    def redecode(self, recs: list[Reconstruction], codes: list[dict[str, np.ndarray]]) -> list[Reconstruction]:
+        """Rebuild each mesh from smoothed landmarks (`codes[i]["landmarks"]`, (478, 3) frame pixels)."""
+        return [self._mesh(rec.face, c["landmarks"]) for rec, c in zip(recs, codes)]
+
 
 def model_folder(cfg: RunConfig) -> Path:
     """Where `<name>/cfg.yaml` of the configured model is expected (inferno's layout)."""
@@ -82,9 +101,10 @@ def model_folder(cfg: RunConfig) -> Path:
 
 
 def create_smoother(cfg: RunConfig, live: bool):
-    """Temporal filtering: on by default for live input (`--smoothing auto`), off for files."""
+    """Causal temporal filtering inside the model: on by default for live input (`--smoothing auto`), off for
+    files. `--smoothing lookahead` smooths after the model instead (realtime.lookahead), so none here."""
     mode = cfg.output.smoothing
-    if mode == "off" or (mode == "auto" and not live):
+    if mode in ("off", "lookahead") or (mode == "auto" and not live):
         return None
     from .smoothing import ParamSmoother
 

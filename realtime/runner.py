@@ -178,6 +178,13 @@ def run(cfg: RunConfig) -> RunSummary:
     source = open_source(cfg.input, live=True if cfg.realtime else None)
     live = source.live
     is_folder = isinstance(source, ImageFolderSource)
+    if cfg.output.smoothing == "lookahead" and (live or is_folder):
+        source.close()
+        if live:
+            raise UserError(f"--smoothing lookahead waits for later frames, which live input {cfg.input} does not have: "
+                            "use --smoothing on or auto")
+        raise UserError(f"--smoothing lookahead needs a video: the images of folder {cfg.input} are separate photos; "
+                        "use --smoothing off")
     from_device = live and not isinstance(source, (VideoFileSource, ImageFolderSource))  # camera or stream: sound from the mic
     reconstructor = create_reconstructor(cfg, live=live, stable_tracks=not is_folder)
     model_name = reconstructor.name
@@ -259,8 +266,11 @@ def run(cfg: RunConfig) -> RunSummary:
                 pipeline.stop()
 
         feed = FrameFeed(source, cfg.max_frames, microphone, replay_frames=resume.frames_done if resume else 0)
-        pipeline = Pipeline(feed, stages, live=live, batch_size=cfg.model.batch_size, on_result=deliver,
-                            stats_every=5.0 if (cfg.stats and live) else None)
+        if cfg.output.smoothing == "lookahead":
+            pipeline = _lookahead_pipeline(feed, stages, reconstructor, source.fps or 30.0, cfg.model.batch_size, deliver)
+        else:
+            pipeline = Pipeline(feed, stages, live=live, batch_size=cfg.model.batch_size, on_result=deliver,
+                                stats_every=5.0 if (cfg.stats and live) else None)
         with _stop_on_signals(pipeline) as signals:
             result = pipeline.run()
         result.frames_out = delivered
@@ -300,6 +310,20 @@ def run(cfg: RunConfig) -> RunSummary:
                       signalled=signals.received)
 
 
+def _lookahead_pipeline(feed: FrameFeed, stages: list, reconstructor, fps: float, batch_size: int, deliver):
+    """track → model → look-ahead smoothing (held back K frames) → render → sinks, for `--smoothing lookahead`."""
+    from .lookahead import LookaheadPipeline, LookaheadSmoother, lookahead_frames
+    from .smoothing import ParamSmoother
+
+    params = ParamSmoother("default")
+    k = lookahead_frames(params, fps)
+    log.info("look-ahead smoothing: output held back %d frames (%.2f s)", k, k / fps)
+    upstream = [s for s in stages if not isinstance(s, RenderStage)]
+    downstream = [s for s in stages if isinstance(s, RenderStage)]
+    return LookaheadPipeline(feed, upstream, downstream, LookaheadSmoother(reconstructor, params, k),
+                             batch_size=batch_size, on_result=deliver)
+
+
 def _make_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -313,7 +337,7 @@ def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: s
                  microphone: bool) -> list:
     from .compose import ComposeOptions, panel_shape
 
-    o, live, sinks = cfg.output, source.live, []
+    o, sinks = cfg.output, []
     if "folder" in outputs and (o.save_images or o.save_codes or o.save_mesh):
         from .sinks.outputs import FrameOutputs
 

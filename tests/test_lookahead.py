@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import av
@@ -242,3 +243,37 @@ def test_lookahead_refuses_input_without_a_future(tmp_path, carphone_path, capsy
     err = capsys.readouterr().err
     assert rc == 2
     assert "--smoothing lookahead" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["upstream", "downstream"])
+def test_a_failing_stage_ends_the_run_with_its_error_and_no_hang(where):
+    from realtime.lookahead import LookaheadPipeline
+
+    class Broken:
+        name = "broken"
+
+        def setup(self):
+            pass
+
+        def process(self, batch):
+            if any(r.frame.index == 20 for r in batch):
+                raise RuntimeError("stage broke")
+
+        def teardown(self):
+            pass
+
+    results = (_result(t, [Reconstruction(face=_face(1), vertices=np.zeros((1, 3), np.float32),
+                                          faces=np.zeros((1, 3), np.int32), world_to_frame=np.eye(4),
+                                          codes={"expcode": np.zeros(3, np.float32)})]) for t in range(500))
+    params = ParamSmoother()
+    seen = []
+    pipe = LookaheadPipeline(results, [Broken()] if where == "upstream" else [], [] if where == "upstream" else [Broken()],
+                             LookaheadSmoother(CodesReconstructor(), params, lookahead_frames(params, FPS)),
+                             on_result=lambda r: seen.append(r.frame.index))
+    done = []
+    worker = threading.Thread(target=lambda: done.append(pipe.run()), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert done, "the look-ahead pipeline hung after a stage failed"
+    assert isinstance(done[0].error, RuntimeError)
+    assert 20 not in seen and seen == sorted(seen)

@@ -110,6 +110,8 @@ class RunConfig:
         _require(re.fullmatch(r"cpu|cuda(:\d+)?", m.device) is not None, f"--device must be cpu or cuda:N (got {m.device!r})")
         _require(c.cat_dim in (0, 1), f"--cat_dim must be 0 (vertical) or 1 (horizontal) (got {c.cat_dim})")
         _require(c.image_type in IMAGE_TYPES, f"--image_type must be one of {', '.join(IMAGE_TYPES)} (got {c.image_type!r})")
+        _require(not (m.mode == "detail" and m.name == EMBEDDED_MODEL),
+                 "--mode detail needs EMICA, EMOCA or DECA (--model_name): the MediaPipe mesh has no detail branch")
         _require(c.image_type != "detail" or m.mode == "detail", "--image_type detail needs --mode detail (the detail branch makes the normal map)")
         _require(
             c.include_original or c.include_rec or c.include_transparent,

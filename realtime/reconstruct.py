@@ -14,6 +14,7 @@ from typing import Optional, Protocol
 import numpy as np
 
 from .config import EMBEDDED_MODEL, RunConfig
+from .errors import AssetError
 from .types import Face, FrameResult, Reconstruction
 
 log = logging.getLogger("realtime")
@@ -123,6 +124,9 @@ def create_reconstructor(cfg: RunConfig, live: bool = False, stable_tracks: bool
         return MediaPipeMeshReconstructor(smoother=smoother)
     where = model_folder(cfg)
     if not (where / "cfg.yaml").is_file() and not m.name_given:
+        if m.mode == "detail":
+            raise AssetError(f"--mode detail needs the EMICA and EMOCA assets, and {where}/cfg.yaml is missing: "
+                             "install them with `bash download_assets.sh` (the embedded MediaPipe mesh has no detail branch)")
         log.info(
             "EMICA assets not found (%s); running the embedded MediaPipe face mesh. "
             "Install EMICA with: bash download_assets.sh", where,

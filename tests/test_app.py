@@ -149,3 +149,13 @@ def test_parallel_tracker_processes_keep_every_frame_in_order(tmp_path, carphone
     assert frames == 120
     codes = np.load(folder / "codes.npz")
     assert list(codes["frame_index"]) == sorted(codes["frame_index"]) and len(codes["frame_index"]) >= 114
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model_name", "mediapipe", "--mode", "detail"], "no detail branch"),
+    (["--mode", "detail", "--assets_dir", "/nonexistent"], "download_assets.sh"),
+])
+def test_detail_mode_without_a_detail_model_is_refused(args, needle):
+    proc = subprocess.run([sys.executable, "app.py", "--input", "realtime/data/carphone_pristine.mp4", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr

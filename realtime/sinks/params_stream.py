@@ -116,7 +116,7 @@ class ParamStreamSink(Sink):
         if not ipaddress.ip_address(address[0].split("%")[0]).is_loopback and not allow_remote:
             raise UserError(
                 f"parameter stream {url!r} would send face data off this machine ({address[0]}); "
-                f"use a loopback host such as {DEFAULT_URL}, or allow remote streaming explicitly"
+                f"use a loopback host such as {DEFAULT_URL}, or allow remote streaming explicitly (--stream_remote)"
             )
         self.url = url
         self.model_name = model_name

@@ -76,6 +76,12 @@ def _to_chw_unit(crop_hwc: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(crop_hwc.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
 
 
+def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """(H, W, C) frame → (size, size, C) crop through the frame→crop affine (2, 3), black outside the frame."""
+    return cv2.warpAffine(image, np.asarray(matrix, dtype=np.float64), (size, size), flags=interpolation,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+
+
 def warp_crop(image: np.ndarray, matrix: np.ndarray, image_size: int = 224) -> np.ndarray:
     """The fast encoder crop: OpenCV bicubic, black outside the frame.
 
@@ -92,15 +98,7 @@ def warp_crop(image: np.ndarray, matrix: np.ndarray, image_size: int = 224) -> n
     Returns:
         (3, S, S) float32 RGB in [0, 1].
     """
-    crop = cv2.warpAffine(
-        image,
-        np.asarray(matrix, dtype=np.float64),
-        (image_size, image_size),
-        flags=cv2.INTER_CUBIC,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=(0, 0, 0),
-    )
-    return _to_chw_unit(crop)
+    return _to_chw_unit(warp_affine(image, matrix, image_size, cv2.INTER_CUBIC))
 
 
 def warp_crop_inferno(
@@ -194,13 +192,6 @@ def warp_arcface(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     Returns:
         (3, 112, 112) float32 RGB, ``(x - 127.5) / 127.5``.
     """
-    crop = cv2.warpAffine(
-        image,
-        np.asarray(matrix, dtype=np.float64),
-        (ARCFACE_SIZE, ARCFACE_SIZE),
-        flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=(0, 0, 0),
-    )
+    crop = warp_affine(image, matrix, ARCFACE_SIZE, cv2.INTER_LINEAR)
     chw = np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32)
     return (chw - np.float32(127.5)) / np.float32(127.5)

@@ -31,10 +31,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from realtime.atomic import atomic_write_bytes, save_npy, save_npz, save_png
+from realtime.crop import warp_affine
 from realtime.errors import MediaError
 from realtime.sinks import Sink
 from realtime.types import Frame, FrameResult, Reconstruction
@@ -91,14 +91,7 @@ def obj_text(vertices: np.ndarray, faces: np.ndarray) -> str:
 
 def warp_to_crop(image: np.ndarray, crop_matrix: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
     """(H, W, 3) frame image → (size, size, 3) crop through the frame→crop affine (2, 3); black outside."""
-    return cv2.warpAffine(
-        image,
-        np.asarray(crop_matrix, np.float64),
-        (size, size),
-        flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=(0, 0, 0),
-    )
+    return warp_affine(image, crop_matrix, size)
 
 
 class _CodeTable:

@@ -67,22 +67,48 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def x_server_answers(number: int) -> bool:
+    """Whether display ``number`` accepts an X connection on the abstract socket libxcb tries first."""
+    import socket
+
+    setup = b"l\0" + struct.pack("<HHHH", 11, 0, 0, 0) + b"\0\0"  # byte order, protocol 11.0, no auth
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(2)
+            conn.connect(f"\0/tmp/.X11-unix/X{number}")
+            conn.sendall(setup)
+            return conn.recv(1) == b"\1"  # 1 = Success; 0 = Failed, 2 = Authenticate
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def xvfb(monkeypatch, tmp_path):
-    """A private Xvfb server; yields the folder holding its live screen dump `Xvfb_screen0`."""
-    read_fd, write_fd = os.pipe()
-    server = subprocess.Popen(
-        ["Xvfb", "-displayfd", str(write_fd), "-screen", "0", "320x240x24", "-fbdir", str(tmp_path), "-nolisten", "tcp"],
-        pass_fds=(write_fd,),
-        preexec_fn=die_with_parent,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.close(write_fd)
+    """A private Xvfb server; yields the folder holding its live screen dump `Xvfb_screen0`.
+
+    The display number is random and high, and the server is only used once it answers an X
+    handshake: on a shared host a low number such as :0 may be some other server's (its abstract
+    socket is visible across /tmp namespaces), and Qt aborts on a display it cannot open.
+    """
+    import random
+
+    for number in random.sample(range(200, 60000), 8):
+        server = subprocess.Popen(
+            ["Xvfb", f":{number}", "-screen", "0", "320x240x24", "-fbdir", str(tmp_path), "-nolisten", "tcp"],
+            preexec_fn=die_with_parent,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while server.poll() is None and time.monotonic() < deadline and not x_server_answers(number):
+            time.sleep(0.05)
+        if server.poll() is None and x_server_answers(number):
+            break
+        server.terminate()
+        server.wait(timeout=10)
+    else:
+        pytest.fail("no Xvfb display answered an X handshake after 8 tries")
     try:
-        with os.fdopen(read_fd) as f:
-            number = f.readline().strip()
-        assert number, "Xvfb did not report a display number"
         monkeypatch.setenv("DISPLAY", f":{number}")
         monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
         yield tmp_path

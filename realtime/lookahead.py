@@ -2,9 +2,9 @@
 
 The causal One-Euro filter (realtime.smoothing) must trade jitter against lag because it only sees
 the past. A file can wait for the future: each frame is held back K frames, then every track's
-per-frame codes are replaced by a zero-phase estimate over frames t−K … t+K (the same Gaussian-weighted
-local quadratic fit and per-group handling as `ParamSmoother.smooth_sequence`, rotations on the
-quaternion sphere), and the reconstructor rebuilds the geometry from the smoothed codes
+per-frame codes are replaced by a zero-phase estimate over frames t−K … t+K (the same step-preserving,
+Gaussian-weighted local quadratic fit and per-group handling as `ParamSmoother.smooth_sequence`,
+rotations on the quaternion sphere), and the reconstructor rebuilds the geometry from the smoothed codes
 (`redecode`: FLAME again for EMICA/EMOCA/DECA, the mesh from smoothed landmarks for MediaPipe).
 
 A symmetric window has no lag on a step, and K = 1.5 σ of the widest group window (3 frames at

@@ -5,7 +5,9 @@ cut-off rises with the signal's speed, so a still face stops jittering while a f
 with little lag. Time comes from each frame's pts, so irregular frame intervals (dropped frames, a
 variable-rate camera) are handled. Files use a zero-phase smoother instead (`smooth_sequence`):
 Gaussian-weighted local quadratic regression over time (Savitzky–Golay generalised to irregular
-timestamps), which has no lag at all because it sees the future.
+timestamps), which has no lag at all because it sees the future; its weights also drop samples
+that differ from the one being fitted by much more than the sequence's noise (a bilateral filter
+in time), so a sudden move is neither smeared nor overshot.
 
 What is smoothed, per parameter group (`KEY_GROUPS`):
 - pose (`globalpose`, `jawpose`, DECA's `posecode`, …): axis-angle rotations, filtered as unit
@@ -294,18 +296,48 @@ class CamOneEuroFilter:
 # ----------------------------------------------------------------------------- zero-phase (files)
 
 
-def local_regression_matrix(pts: Sequence[float], window: float, degree: int = 2) -> sparse.csr_matrix:
-    """Linear smoother of Gaussian-weighted local polynomial regression over time.
+# Step-preserving weights: a sample counts in another's fit only while the two differ by about the
+# sequence's own noise. Pure noise differs by √2 σ between two frames, which keeps 0.9 of its
+# weight at 3 σ; a step or a fast move many σ high gets none, so it stays sharp with no overshoot.
+RANGE_SIGMAS = 3.0
+
+
+def noise_level(values: np.ndarray) -> float:
+    """Robust noise σ of a (T, N) sequence: per element, the median absolute second difference
+    scaled to σ for white noise (Δ²x has σ√6; MAD = 0.6745 σ), then the RMS over elements.
+
+    Second differences cancel steady motion and the median ignores the few frames of a step, so
+    this is the frame-to-frame noise even on moving footage. Returns inf with fewer than 3 frames.
+    """
+    x = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    if len(x) < 3:
+        return float("inf")
+    sigma = np.median(np.abs(np.diff(x, n=2, axis=0)), axis=0) / (0.6745 * np.sqrt(6.0))
+    return float(np.sqrt(np.mean(sigma**2)))
+
+
+def local_regression_matrix(
+    pts: Sequence[float],
+    window: float,
+    degree: int = 2,
+    features: Optional[np.ndarray] = None,
+) -> sparse.csr_matrix:
+    """Linear smoother of weighted local polynomial regression over time.
 
     Row i holds the weights that give the fitted value at ``pts[i]`` from the samples within three
     standard deviations: a Savitzky–Golay filter for even spacing, valid for any spacing. Symmetric
-    weights make it zero-phase; the local polynomial keeps ramps and peaks where a plain average
-    would flatten them, and stays unbiased at the ends of the sequence.
+    time weights make it zero-phase; the local polynomial keeps ramps and peaks where a plain
+    average would flatten them, and stays unbiased at the ends of the sequence.
+
+    With ``features``, each time weight is also multiplied by exp(−½ (d / r)²), d the RMS difference
+    between the two samples' features and r = RANGE_SIGMAS · √2 · their noise level (a bilateral
+    filter in time): flat stretches are averaged over the whole window while steps keep their edge.
 
     Args:
         pts: (T,) increasing sample times in seconds.
         window: standard deviation of the Gaussian time weights, seconds.
-        degree: polynomial degree (lowered locally where too few samples fall in the window).
+        degree: polynomial degree (lowered locally where too few samples carry weight).
+        features: optional (T, F) values the samples are compared by (what is being smoothed).
 
     Returns:
         (T, T) sparse matrix H; smoothed = H @ samples.
@@ -314,39 +346,45 @@ def local_regression_matrix(pts: Sequence[float], window: float, degree: int = 2
     n = len(t)
     if n and np.any(np.diff(t) <= 0):
         raise ValueError("smooth_sequence needs strictly increasing pts")
+    if not n:
+        return sparse.csr_matrix((0, 0))
+    if features is not None:
+        features = np.asarray(features, dtype=np.float64).reshape(n, -1)
+        range_scale = RANGE_SIGMAS * np.sqrt(2.0) * noise_level(features)
     lo = np.searchsorted(t, t - 3.0 * window, side="left")
     hi = np.searchsorted(t, t + 3.0 * window, side="right")
     rows, cols, vals = [], [], []
     for i in range(n):
         tau = (t[lo[i] : hi[i]] - t[i]) / window  # dimensionless, for a well-conditioned fit
         w = np.exp(-0.5 * tau**2)
-        deg = min(degree, len(tau) - 1)
+        if features is not None and np.isfinite(range_scale):
+            d = np.sqrt(np.mean((features[lo[i] : hi[i]] - features[i]) ** 2, axis=1))
+            # A noise-free sequence keeps only identical samples: it comes back unchanged.
+            w = w * (np.exp(-0.5 * (d / range_scale) ** 2) if range_scale > 0 else d == 0)
+        deg = min(degree, int(np.count_nonzero(w > 1e-6)) - 1)
         basis = np.vander(tau, deg + 1, increasing=True)  # (K, deg+1): 1, τ, τ²
-        # Intercept of the weighted least-squares fit: e0ᵀ (BᵀWB)⁻¹ BᵀW.
-        gram = basis.T @ (w[:, None] * basis)
-        coef = np.linalg.solve(gram, np.eye(deg + 1)[0]) @ (basis.T * w)
+        # Intercept of the weighted least-squares fit, e0ᵀ (BᵀWB)⁻¹ BᵀW, via the pseudo-inverse
+        # of W^½B so that a fit left with few weighted samples stays well-posed.
+        root = np.sqrt(w)
+        coef = np.linalg.pinv(basis * root[:, None])[0] * root
         rows.append(np.full(len(tau), i))
         cols.append(np.arange(lo[i], hi[i]))
         vals.append(coef)
-    if not n:
-        return sparse.csr_matrix((0, 0))
     return sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
 
 
-def _smooth_rotations(rotvecs: np.ndarray, smoother: sparse.csr_matrix) -> np.ndarray:
-    """(T, K, 3) axis-angle → (T, K, 3): quaternions made sign-continuous, smoothed, renormalised."""
+def _aligned_quaternions(rotvecs: np.ndarray) -> np.ndarray:
+    """(T, K, 3) axis-angle → (T, K, 4) unit quaternions, each on its predecessor's hemisphere."""
     q = axis_angle_to_quaternion(rotvecs.reshape(-1, 3)).reshape(*rotvecs.shape[:-1], 4)
     for i in range(1, len(q)):
         q[i] = align_hemisphere(q[i], q[i - 1])
-    smoothed = (smoother @ q.reshape(len(q), -1)).reshape(q.shape)
-    return quaternion_to_axis_angle(smoothed.reshape(-1, 4)).reshape(rotvecs.shape)
+    return q
 
 
-def _smooth_cams(cams: np.ndarray, smoother: sparse.csr_matrix) -> np.ndarray:
-    """(T, 3) cameras → (T, 3), smoothed in screen terms."""
-    screen = smoother @ cam_to_screen(cams)
-    out = screen_to_cam(np.where(np.abs(screen[:, :1]) < 1e-9, 1.0, screen))
-    return np.where(np.abs(screen[:, :1]) < 1e-9, cams, out)
+def _cam_from_screen(screen: np.ndarray, cams: np.ndarray) -> np.ndarray:
+    """Smoothed screen terms → (T, 3) cameras; a degenerate (zero-scale) row keeps its input camera."""
+    degenerate = np.abs(screen[:, :1]) < 1e-9
+    return np.where(degenerate, cams, screen_to_cam(np.where(degenerate, 1.0, screen)))
 
 
 # ----------------------------------------------------------------------------- the smoother
@@ -466,18 +504,31 @@ class ParamSmoother:
             if not frames:
                 continue
             values = np.stack([np.asarray(codes_per_frame[i][key]) for i in frames])
-            smoother = local_regression_matrix([pts[i] for i in frames], window or params.window)
-            smoothed = self._smooth_stack(key, values.astype(np.float64), smoother)
+            times = [pts[i] for i in frames]
+            smoothed = self._smooth_stack(key, values.astype(np.float64), times, window or params.window)
             for row, i in enumerate(frames):
                 out[i][key] = smoothed[row].astype(values.dtype, copy=False)
         return out
 
     @staticmethod
-    def _smooth_stack(key: str, values: np.ndarray, smoother: sparse.csr_matrix) -> np.ndarray:
-        """(T, ...) one key's values over time → (T, ...) smoothed."""
+    def _smooth_stack(key: str, values: np.ndarray, pts: Sequence[float], window: float) -> np.ndarray:
+        """(T, ...) one key's values over time → (T, ...) smoothed, in the group's own terms.
+
+        Rotations are smoothed as sign-continuous quaternions (renormalised after), cameras as the
+        screen motion they cause, the rest element-wise; the step-preserving weights compare
+        samples in those same terms.
+        """
         group = group_of(key)
         if group in _ROTATION_GROUPS:
-            return _smooth_rotations(values.reshape(len(values), -1, 3), smoother).reshape(values.shape)
+            rotvecs = values.reshape(len(values), -1, 3)
+            q = _aligned_quaternions(rotvecs)
+            flat = q.reshape(len(q), -1)
+            smoothed = (local_regression_matrix(pts, window, features=flat) @ flat).reshape(q.shape)
+            return quaternion_to_axis_angle(smoothed.reshape(-1, 4)).reshape(values.shape)
         if group == "cam":
-            return _smooth_cams(values.reshape(len(values), 3), smoother).reshape(values.shape)
-        return (smoother @ values.reshape(len(values), -1)).reshape(values.shape)
+            cams = values.reshape(len(values), 3)
+            screen = cam_to_screen(cams)
+            smoothed = local_regression_matrix(pts, window, features=screen) @ screen
+            return _cam_from_screen(smoothed, cams).reshape(values.shape)
+        flat = values.reshape(len(values), -1)
+        return (local_regression_matrix(pts, window, features=flat) @ flat).reshape(values.shape)

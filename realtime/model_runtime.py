@@ -100,13 +100,26 @@ class ModelReconstructor:
         return torch.from_numpy(np.stack(codes).astype(np.float32)).to(self.device)
 
     # -- run ------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def reconstruct(self, batch: list[FrameResult]) -> None:
         items = [(r, f) for r in batch for f in r.faces]
         for r in batch:
             r.reconstructions = []
-        if not items:
-            return
+        if items:
+            self._run(items)
+        # Only after the whole batch: an id retired at one frame may still have faces in the batch's earlier
+        # frames (never in later ones: ids are not reused), and frames with no faces retire tracks too.
+        self._retire([tid for r in batch for tid in r.retired_tracks])
+
+    def _retire(self, track_ids: list[int]) -> None:
+        """Free the identity code and smoothing filters of tracks the tracker has retired."""
+        for track_id in track_ids:
+            if self.identity is not None:
+                self.identity.forget(track_id)
+            if self.smoother is not None:
+                self.smoother.reset(track_id)
+
+    @torch.inference_mode()
+    def _run(self, items: list[tuple[FrameResult, Face]]) -> None:
         cache = self.identity if self.is_emica else None
         if cache is None:
             need = list(range(len(items))) if self.is_emica else []

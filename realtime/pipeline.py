@@ -3,7 +3,7 @@
 One thread per stage, bounded queues between them. Files and image folders are lossless (a full queue
 blocks the producer; every input frame gives exactly one output frame, in order). Live input is
 latest-wins: a full queue drops its oldest frame, counts it, and hands that frame's audio on so the
-sound track stays whole.
+sound track stays whole (and its retired track ids, so per-track state downstream is still freed).
 
 Shutdown is cooperative: `stop()` (SIGINT/SIGTERM, a window's ESC, max_frames) makes the source emit
 its end marker; every stage finishes the frame in hand, passes the marker on, and the sinks close
@@ -59,6 +59,8 @@ class LatestQueue:
                 heir = self._items[0]
                 heir.dropped_before += oldest.dropped_before + 1
                 heir.frame.audio = oldest.frame.audio + heir.frame.audio
+                # ...and its retired tracks, or the model stage would hold their state for good.
+                heir.retired_tracks = oldest.retired_tracks + heir.retired_tracks
             self._cond.notify()
 
     def get(self, timeout: Optional[float] = None):

@@ -24,7 +24,8 @@ class Reconstructor(Protocol):
     name: str
 
     def reconstruct(self, batch: list[FrameResult]) -> None:
-        """Fill `result.reconstructions` for every result in the batch (one per face, in face order)."""
+        """Fill `result.reconstructions` for every result in the batch (one per face, in face order), then
+        free the per-track state of each result's `retired_tracks`."""
 
     def temporal_codes(self, rec: Reconstruction) -> dict[str, np.ndarray]:
         """The per-frame values of `rec` that look-ahead smoothing replaces (names from realtime.smoothing.KEY_GROUPS)."""
@@ -54,6 +55,10 @@ class MediaPipeMeshReconstructor:
     def reconstruct(self, batch: list[FrameResult]) -> None:
         for result in batch:
             result.reconstructions = [self._one(face, result.frame.pts) for face in result.faces]
+            # After the frame's own faces: a retired id shows up in no later frame, so its filters are dead weight.
+            if self.smoother is not None:
+                for track_id in result.retired_tracks:
+                    self.smoother.reset(track_id)
 
     def _one(self, face: Face, time: float) -> Reconstruction:
         landmarks = face.landmarks

@@ -60,6 +60,7 @@ class TrackStage:
                 faces = self.tracker.track(result.frame)
             if self.assigner is not None:
                 faces = self.assigner.assign(faces, result.frame.pts)
+                result.retired_tracks = tuple(self.assigner.retired)
             result.faces = faces
 
     def teardown(self) -> None:
@@ -80,6 +81,7 @@ class ReconstructStage:
         pass
 
     def process(self, batch: list[FrameResult]) -> None:
+        # Replay frames come first and skip the model, so a track they retire has no state here to free.
         batch = [r for r in batch if not r.replay]
         if batch:
             self.reconstructor.reconstruct(batch)

@@ -98,3 +98,7 @@ class FrameResult:
     dropped_before: int = 0  # live input: frames dropped (latest-wins) since the previous result
     skipped_faces: int = 0  # faces dropped this frame (e.g. non-finite model output)
     replay: bool = False  # --resume: done by an earlier run; only tracked (to restore tracker state), not output
+    # Tracks retired by the tracker at this frame (never seen again: ids are not reused). They travel with the
+    # frame so the model stage frees their per-track state (identity codes, smoothing filters) once it has
+    # processed the frame's faces, in stream order, without calling back up the pipeline.
+    retired_tracks: tuple[int, ...] = ()

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--image_size", type=int, default=224, help="side of the encoder crop in pixels")
     tr.add_argument("--tracker_device", choices=("cpu", "gpu"), default="cpu", help="MediaPipe delegate")
     tr.add_argument("--min_confidence", type=float, default=0.5, help="face detection/tracking confidence")
+    _bool_flag(tr, "per_frame_tracking", False, "detect the face in every frame on its own (MediaPipe IMAGE mode), "
+               "without MediaPipe's frame-to-frame tracking and landmark smoothing: the raw per-frame input inferno "
+               "uses, for comparisons with --smoothing off; jitterier and slower on video")
 
     md = p.add_argument_group("model")
     md.add_argument(
@@ -143,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     t = cfg.tracking
     t.num_faces, t.scale, t.image_size = args.num_faces, args.scale, args.image_size
     t.device, t.min_confidence = args.tracker_device, args.min_confidence
+    t.per_frame = args.per_frame_tracking
     m = cfg.model
     m.name_given = args.model_name is not None
     m.name = args.model_name or DEFAULT_MODEL

@@ -28,6 +28,7 @@ class TrackingConfig:
     image_size: int = 224  # encoder crop side
     device: str = "cpu"  # MediaPipe delegate: cpu | gpu
     min_confidence: float = 0.5
+    per_frame: bool = False  # MediaPipe IMAGE mode on every frame: no tracking, no MediaPipe landmark smoothing
 
 
 @dataclass

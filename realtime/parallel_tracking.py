@@ -82,6 +82,7 @@ class _TrackerSettings:
     image_size: int
     device: str
     min_confidence: float
+    mode: str
 
 
 def chunk_bounds(number: int, first_pts: int, ticks_per_chunk: Optional[int]) -> tuple[Optional[int], Optional[int]]:
@@ -173,7 +174,7 @@ def _track_chunk(path: str, settings: _TrackerSettings, chunk: _Chunk, results, 
     Posts ("frame", chunk, pts, faces) per frame, then ("done", chunk, eof).
     """
     with FaceTracker(settings.model_path, num_faces=settings.num_faces, scale=settings.scale,
-                     image_size=settings.image_size, mode="video", device=settings.device,
+                     image_size=settings.image_size, mode=settings.mode, device=settings.device,
                      min_confidence=settings.min_confidence) as tracker:
         eof = False
         for frame in _decode_chunk(path, chunk):
@@ -251,6 +252,7 @@ class ParallelTracker:
         max_frames: stop after this many frames (the workers do not track far beyond it).
         prefetch: chunks handed out ahead of the reader (default ``2 × workers``); bounds memory.
         model_path, num_faces, scale, image_size, device, min_confidence: as ``FaceTracker``.
+        mode: ``FaceTracker``'s "video" (tracks within each chunk) or "image" (every frame on its own).
     """
 
     def __init__(
@@ -267,6 +269,7 @@ class ParallelTracker:
         image_size: int = 224,
         device: str = "cpu",
         min_confidence: float = 0.5,
+        mode: str = "video",
     ) -> None:
         if workers < 1:
             raise UserError(f"tracking workers must be at least 1, got {workers}.")
@@ -278,7 +281,7 @@ class ParallelTracker:
         model_path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATH
         # A bad model or setting fails here, not in a worker. On the CPU delegate: whether the GPU one works
         # is each worker's to find out (FaceTracker falls back with a warning).
-        FaceTracker(model_path, num_faces=num_faces, scale=scale, image_size=image_size, mode="video",
+        FaceTracker(model_path, num_faces=num_faces, scale=scale, image_size=image_size, mode=mode,
                     device="cpu", min_confidence=min_confidence).close()
         self.workers = workers
         if not timestamps:
@@ -312,7 +315,7 @@ class ParallelTracker:
         self._stop = context.Event()
         self._tasks = context.Queue()
         self._results = context.Queue()
-        settings = _TrackerSettings(str(model_path), num_faces, scale, image_size, device, min_confidence)
+        settings = _TrackerSettings(str(model_path), num_faces, scale, image_size, device, min_confidence, mode)
         self._processes = [
             context.Process(target=_worker_main, name=f"emica-track-{i}", daemon=True,
                             args=(str(self.path), settings, self._tasks, self._results, self._stop, os.getpid()))

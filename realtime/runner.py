@@ -35,9 +35,10 @@ class RunSummary:
 class TrackStage:
     name = "track"
 
-    def __init__(self, cfg: RunConfig, mode: str, parallel=None):
+    def __init__(self, cfg: RunConfig, mode: str, parallel=None, assign_tracks: bool = True):
         self.cfg, self.mode = cfg, mode
         self.parallel = parallel  # a ParallelTracker already tracking the file ahead, or None
+        self.assign_tracks = assign_tracks  # frames of one sequence (not a folder of unrelated images)
         self.tracker = None
         self.assigner = None
 
@@ -49,7 +50,7 @@ class TrackStage:
         if self.parallel is None:
             self.tracker = FaceTracker(num_faces=t.num_faces, scale=t.scale, image_size=t.image_size, mode=self.mode,
                                        device=t.device, min_confidence=t.min_confidence)
-        if self.mode != "image":
+        if self.assign_tracks:
             self.assigner = TrackAssigner()
 
     def process(self, batch: list[FrameResult]) -> None:
@@ -208,6 +209,11 @@ def run(cfg: RunConfig) -> RunSummary:
                 source.close()
                 print(f"nothing to do: {outfolder} is complete (progress.json); delete it to run again")
                 return RunSummary(ok=True, frames=0, result=PipelineResult(), outputs=outputs, model=model_name)
+    elif o.export:
+        # Live motion capture: the session's parameters in one results file, written when it ends.
+        folder = Path(o.output_folder or "live_output") / time.strftime("session_%Y_%b_%d_%H-%M-%S")
+        _make_folder(folder)
+        outputs["export"] = folder / f"results.{o.export}"
     if o.record:
         outputs["video"] = Path(o.record)
 
@@ -231,7 +237,8 @@ def run(cfg: RunConfig) -> RunSummary:
         if live and not sinks:
             raise UserError("live input needs somewhere to go: add --show, --webrtc 127.0.0.1:8080 or --record out.mp4")
 
-        track_mode = "live" if live else ("image" if is_folder else "video")
+        # --per_frame_tracking: MediaPipe IMAGE mode on every frame, still with track ids across frames.
+        track_mode = "image" if is_folder or cfg.tracking.per_frame else ("live" if live else "video")
         # Several MediaPipe processes over chunks of a file (each ~1 core, re-detecting at its chunk's start),
         # only where cores are to spare: up to --num_workers, one per 4 cores.
         workers = min(cfg.num_workers, (os.cpu_count() or 1) // 4)
@@ -243,9 +250,9 @@ def run(cfg: RunConfig) -> RunSummary:
             parallel = ParallelTracker(cfg.input, workers=workers,
                                        max_frames=None if cfg.max_frames is None else replayed + cfg.max_frames,
                                        num_faces=t.num_faces, scale=t.scale, image_size=t.image_size,
-                                       device=t.device, min_confidence=t.min_confidence)
+                                       device=t.device, min_confidence=t.min_confidence, mode=track_mode)
         panels = "video" in outputs or o.show or bool(o.webrtc)  # the sinks that show the composed panels
-        stages = [TrackStage(cfg, track_mode, parallel), ReconstructStage(reconstructor),
+        stages = [TrackStage(cfg, track_mode, parallel, assign_tracks=not is_folder), ReconstructStage(reconstructor),
                   RenderStage(cfg, crops=o.save_images and not live, panels=panels)]
         progress = _progress_bar(cfg, source, live)
         window = next((s for s in sinks if hasattr(s, "should_quit")), None)
@@ -301,7 +308,7 @@ def run(cfg: RunConfig) -> RunSummary:
         raise result.error
     if cfg.stats:
         print("per-stage latency (ms):\n" + pipeline.times.format())
-    where = outputs.get("video") or outputs.get("folder")
+    where = outputs.get("video") or outputs.get("folder") or outputs.get("export")
     note = ""
     if resume is not None and not resume.complete:
         note = f" (stopped after frame {resume.frames_done}; continue with --resume)"
@@ -381,9 +388,10 @@ def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: s
 
         sinks.append(ParamStreamSink(o.stream_params, model_name=model_name, allow_remote=o.stream_remote))
     if o.export and "folder" in outputs:
+        outputs["export"] = outputs["folder"] / f"results.{o.export}"
+    if "export" in outputs:
         from .export import ResultsWriter
 
-        outputs["export"] = outputs["folder"] / f"results.{o.export}"
         sinks.append(ResultsWriter(outputs["export"], fmt=o.export, model_name=model_name, fps=source.fps or 0.0))
     return sinks
 

@@ -253,3 +253,33 @@ def test_canonical_face_mesh_asset_errors(tmp_path):
     with pytest.raises(AssetError) as exc:
         canonical_face_mesh(damaged)
     assert str(damaged) in str(exc.value)
+
+
+@pytest.mark.parametrize("realtime", [False, True])
+def test_per_frame_tracking_is_mediapipe_image_mode_on_every_frame(tmp_path, carphone_path, face_model_path, realtime):
+    # --per_frame_tracking gives the raw per-frame detections (no MediaPipe tracking or landmark smoothing),
+    # for files and live input alike, and still numbers the face as one track.
+    from realtime.cli import main
+    from realtime.export import load_results
+
+    def landmarks(name: str, *flags: str) -> dict:
+        rc = main(["--input", str(carphone_path), "--output_folder", str(tmp_path / name), "--model_name", "mediapipe",
+                   "--export", "npz", "--max_frames", "12", "--save_images", "false", "--save_video", "false",
+                   "--progress", "false", "--smoothing", "off", *flags])
+        assert rc == 0
+        (path,) = (tmp_path / name).rglob("results.npz")
+        return load_results(path)
+
+    if realtime:  # live input: frames may be dropped, so compare the frames that came through
+        got = landmarks("per_frame", "--per_frame_tracking", "--realtime", "--show", "false", "--record", str(tmp_path / "r.mp4"))
+    else:
+        got = landmarks("per_frame", "--per_frame_tracking")
+        assert len(got["frame_index"]) == 12
+    assert set(got["track_id"].tolist()) == {0}
+    with FaceTracker(face_model_path, mode="image") as tracker, open_source(str(carphone_path)) as source:
+        want = {frame.index: tracker.track(frame)[0].landmarks[:, :2] for frame, _ in zip(source, range(12))}
+    for index, points in zip(got["frame_index"].tolist(), got["landmarks_mediapipe"]):
+        np.testing.assert_allclose(points, want[index], atol=1e-3)
+    if not realtime:  # the default VIDEO mode is different input: tracked, smoothed by MediaPipe
+        tracked = landmarks("video")
+        assert np.abs(tracked["landmarks_mediapipe"][1:] - got["landmarks_mediapipe"][1:]).max() > 0.05

@@ -43,10 +43,13 @@ class MediaPipeMeshReconstructor:
 
     name = EMBEDDED_MODEL
 
-    def __init__(self, model_path: Optional[str] = None, smoother=None):
+    def __init__(self, model_path: Optional[str] = None, smoother=None, scale: float = 1.25):
         from .face_mesh import canonical_face_mesh
+        from .tracking import IBUG68_FROM_MEDIAPIPE
 
+        self._outline = list(IBUG68_FROM_MEDIAPIPE)
         self.smoother = smoother  # realtime.smoothing.ParamSmoother, or None for raw per-frame output
+        self.scale = scale  # the tracker's box scale (--scale), so world units are the crop box's size
         _, uv, triangles = canonical_face_mesh(model_path)
         self.faces = np.ascontiguousarray(triangles, dtype=np.int32)
         self.uv = uv
@@ -67,10 +70,17 @@ class MediaPipeMeshReconstructor:
         return self._mesh(face, landmarks)
 
     def _mesh(self, face: Face, landmarks: np.ndarray) -> Reconstruction:
-        """The mesh of (478, 3) frame-pixel landmarks, in the face's box-normalised world space."""
-        cx, cy = face.center
-        s = float(face.size)
+        """The mesh of (478, 3) frame-pixel landmarks, in the box-normalised world space of those landmarks.
+
+        The box is inferno's (68-point extent × 1.1 × scale) but measured on the given landmarks and not
+        rounded to whole pixels: the tracker's box comes from the raw landmarks, and normalising smoothed
+        landmarks by it would put the raw jitter back into the mesh.
+        """
         pts = landmarks[: self.n_vertices].astype(np.float64)
+        outline = landmarks[self._outline, :2].astype(np.float64)
+        lo, hi = outline.min(axis=0), outline.max(axis=0)
+        cx, cy = (lo + hi) / 2.0
+        s = float((hi - lo).mean() * 1.1 * self.scale)
         world = np.empty_like(pts)
         world[:, 0] = (pts[:, 0] - cx) / s
         world[:, 1] = -(pts[:, 1] - cy) / s
@@ -126,7 +136,7 @@ def create_reconstructor(cfg: RunConfig, live: bool = False, stable_tracks: bool
     m = cfg.model
     smoother = create_smoother(cfg, live)
     if m.name == EMBEDDED_MODEL:
-        return MediaPipeMeshReconstructor(smoother=smoother)
+        return MediaPipeMeshReconstructor(smoother=smoother, scale=cfg.tracking.scale)
     where = model_folder(cfg)
     if not (where / "cfg.yaml").is_file() and not m.name_given:
         if m.mode == "detail":
@@ -136,7 +146,7 @@ def create_reconstructor(cfg: RunConfig, live: bool = False, stable_tracks: bool
             "EMICA assets not found (%s); running the embedded MediaPipe face mesh. "
             "Install EMICA with: bash download_assets.sh", where,
         )
-        return MediaPipeMeshReconstructor(smoother=smoother)
+        return MediaPipeMeshReconstructor(smoother=smoother, scale=cfg.tracking.scale)
     from .model_runtime import ModelReconstructor
 
     return ModelReconstructor(cfg, smoother=smoother, identity_cache=m.identity_cache and stable_tracks)

@@ -134,6 +134,20 @@ def test_mediapipe_mesh_is_rebuilt_from_the_smoothed_landmarks():
     assert not np.allclose(out[10][:, :2], raw[10][:, :2])
 
 
+def test_mediapipe_world_mesh_ignores_the_raw_tracking_box():
+    # Smoothed landmarks normalised by the raw tracker's box would carry the box's jitter into the exported
+    # mesh: the world space is measured on the landmarks the mesh is built from.
+    rng = np.random.default_rng(0)
+    landmarks = (rng.uniform(80, 160, (478, 3))).astype(np.float32)
+    model = MediaPipeMeshReconstructor(scale=1.25)
+    steady = model._mesh(_face(0, landmarks), landmarks)
+    jittered_face = _face(0, landmarks)
+    jittered_face.center, jittered_face.size = (103.0, 97.5), 83.0  # the raw box of another frame
+    moved = model._mesh(jittered_face, landmarks)
+    np.testing.assert_array_equal(moved.vertices, steady.vertices)
+    np.testing.assert_allclose(moved.frame_points()[:, :2], landmarks[:468, :2], atol=1e-3)
+
+
 def test_tracks_that_come_and_go_use_the_neighbours_they_have():
     stage = LookaheadSmoother(CodesReconstructor(), ParamSmoother(), frames=2)
     present = {1: range(10), 2: [3, 4, 5, 8]}  # track 2 appears, vanishes, comes back for one frame

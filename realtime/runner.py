@@ -211,8 +211,7 @@ def run(cfg: RunConfig) -> RunSummary:
                 return RunSummary(ok=True, frames=0, result=PipelineResult(), outputs=outputs, model=model_name)
     elif o.export:
         # Live motion capture: the session's parameters in one results file, written when it ends.
-        folder = Path(o.output_folder or "live_output") / time.strftime("session_%Y_%b_%d_%H-%M-%S")
-        _make_folder(folder)
+        folder = _new_session_folder(Path(o.output_folder or "live_output"))
         outputs["export"] = folder / f"results.{o.export}"
     if o.record:
         outputs["video"] = Path(o.record)
@@ -331,6 +330,22 @@ def _lookahead_pipeline(feed: FrameFeed, stages: list, reconstructor, fps: float
     downstream = [s for s in stages if isinstance(s, RenderStage)]
     return LookaheadPipeline(feed, upstream, downstream, LookaheadSmoother(reconstructor, params, k),
                              batch_size=batch_size, on_result=deliver)
+
+
+def _new_session_folder(base: Path) -> Path:
+    """A fresh `session_<date>` folder under `base`; a second session in the same second gets `_2`, `_3`, …"""
+    _make_folder(base)
+    stem = time.strftime("session_%Y_%b_%d_%H-%M-%S")
+    for n in range(1, 1000):
+        folder = base / (stem if n == 1 else f"{stem}_{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise UserError(f"cannot create output folder {folder}: {err.strerror}; choose another --output_folder") from err
+    raise UserError(f"{base} already has 999 sessions started at {stem[8:]}; choose another --output_folder")
 
 
 def _make_folder(folder: Path) -> None:

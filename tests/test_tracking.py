@@ -283,3 +283,20 @@ def test_per_frame_tracking_is_mediapipe_image_mode_on_every_frame(tmp_path, car
     if not realtime:  # the default VIDEO mode is different input: tracked, smoothed by MediaPipe
         tracked = landmarks("video")
         assert np.abs(tracked["landmarks_mediapipe"][1:] - got["landmarks_mediapipe"][1:]).max() > 0.05
+
+
+def test_live_sessions_export_into_their_own_folders(tmp_path, carphone_path, monkeypatch):
+    # Two live sessions started within the same second must not overwrite each other's results file.
+    import realtime.runner
+    from realtime.cli import main
+    from realtime.export import load_results
+
+    monkeypatch.setattr(realtime.runner.time, "strftime", lambda fmt, *a: "session_2026_Nov_26_05-00-00")
+
+    for _ in range(2):
+        assert main(["--input", str(carphone_path), "--realtime", "--show", "false", "--output_folder", str(tmp_path),
+                     "--model_name", "mediapipe", "--export", "json", "--max_frames", "3", "--progress", "false"]) == 0
+    files = sorted(tmp_path.glob("session_*/results.json"))
+    assert [f.parent.name for f in files] == ["session_2026_Nov_26_05-00-00", "session_2026_Nov_26_05-00-00_2"]
+    for path in files:
+        assert len(load_results(path)["frame_index"]) >= 1

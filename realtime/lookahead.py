@@ -116,8 +116,8 @@ class LookaheadSmoother:
     def _smoothed(self, track: int, centre: _Held, neighbours: list[_Held]) -> dict[str, np.ndarray]:
         """One track's codes at `centre`, fitted over the neighbouring frames that have the track."""
         frames = [h for h in neighbours if track in h.raw]
-        out = self.smoother.smooth_sequence([h.raw[track] for h in frames], [h.result.frame.pts for h in frames])
-        return out[frames.index(centre)]
+        at = frames.index(centre)
+        return self.smoother.smooth_sequence([h.raw[track] for h in frames], [h.result.frame.pts for h in frames], at=at)[at]
 
 
 class LookaheadPipeline:

@@ -321,6 +321,7 @@ def local_regression_matrix(
     window: float,
     degree: int = 2,
     features: Optional[np.ndarray] = None,
+    rows: Optional[Sequence[int]] = None,
 ) -> sparse.csr_matrix:
     """Linear smoother of weighted local polynomial regression over time.
 
@@ -338,23 +339,25 @@ def local_regression_matrix(
         window: standard deviation of the Gaussian time weights, seconds.
         degree: polynomial degree (lowered locally where too few samples carry weight).
         features: optional (T, F) values the samples are compared by (what is being smoothed).
+        rows: the samples to fit (default all): the look-ahead stage needs only its centre frame.
 
     Returns:
-        (T, T) sparse matrix H; smoothed = H @ samples.
+        (R, T) sparse matrix H, R = len(rows) (default T); smoothed = H @ samples.
     """
     t = np.asarray(pts, dtype=np.float64)
     n = len(t)
     if n and np.any(np.diff(t) <= 0):
         raise ValueError("smooth_sequence needs strictly increasing pts")
-    if not n:
-        return sparse.csr_matrix((0, 0))
+    rows = range(n) if rows is None else list(rows)
+    if not n or not len(rows):
+        return sparse.csr_matrix((len(rows), n))
     if features is not None:
         features = np.asarray(features, dtype=np.float64).reshape(n, -1)
         range_scale = RANGE_SIGMAS * np.sqrt(2.0) * noise_level(features)
     lo = np.searchsorted(t, t - 3.0 * window, side="left")
     hi = np.searchsorted(t, t + 3.0 * window, side="right")
-    rows, cols, vals = [], [], []
-    for i in range(n):
+    row_ids, cols, vals = [], [], []
+    for r, i in enumerate(rows):
         tau = (t[lo[i] : hi[i]] - t[i]) / window  # dimensionless, for a well-conditioned fit
         w = np.exp(-0.5 * tau**2)
         if features is not None and np.isfinite(range_scale):
@@ -367,10 +370,11 @@ def local_regression_matrix(
         # of W^½B so that a fit left with few weighted samples stays well-posed.
         root = np.sqrt(w)
         coef = np.linalg.pinv(basis * root[:, None])[0] * root
-        rows.append(np.full(len(tau), i))
+        row_ids.append(np.full(len(tau), r))
         cols.append(np.arange(lo[i], hi[i]))
         vals.append(coef)
-    return sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    matrix = (np.concatenate(vals), (np.concatenate(row_ids), np.concatenate(cols)))
+    return sparse.csr_matrix(matrix, shape=(len(rows), n))
 
 
 def _aligned_quaternions(rotvecs: np.ndarray) -> np.ndarray:
@@ -478,6 +482,7 @@ class ParamSmoother:
         codes_per_frame: Sequence[Mapping[str, np.ndarray]],
         pts: Sequence[float],
         window: Optional[float] = None,
+        at: Optional[int] = None,
     ) -> list[dict[str, np.ndarray]]:
         """Zero-phase smoothing of one track's whole sequence (file processing).
 
@@ -486,6 +491,8 @@ class ParamSmoother:
                 the frames that have it with finite values (the others pass through).
             pts: (T,) strictly increasing times in seconds (gaps are fine).
             window: Gaussian standard deviation in seconds for every group; None uses each group's.
+            at: smooth only this frame (the look-ahead stage's centre), fitted on all T; the others
+                come back as given.
 
         Returns:
             (T) new dicts with the same keys, shapes and dtypes.
@@ -503,16 +510,21 @@ class ParamSmoother:
             frames = [i for i, c in enumerate(codes_per_frame) if key in c and np.all(np.isfinite(c[key]))]
             if not frames:
                 continue
+            wanted = frames if at is None else [i for i in frames if i == at]
+            if not wanted:
+                continue
             values = np.stack([np.asarray(codes_per_frame[i][key]) for i in frames])
             times = [pts[i] for i in frames]
-            smoothed = self._smooth_stack(key, values.astype(np.float64), times, window or params.window)
-            for row, i in enumerate(frames):
+            rows = [frames.index(i) for i in wanted] if at is not None else None
+            smoothed = self._smooth_stack(key, values.astype(np.float64), times, window or params.window, rows)
+            for row, i in enumerate(wanted):
                 out[i][key] = smoothed[row].astype(values.dtype, copy=False)
         return out
 
     @staticmethod
-    def _smooth_stack(key: str, values: np.ndarray, pts: Sequence[float], window: float) -> np.ndarray:
-        """(T, ...) one key's values over time → (T, ...) smoothed, in the group's own terms.
+    def _smooth_stack(key: str, values: np.ndarray, pts: Sequence[float], window: float,
+                      rows: Optional[Sequence[int]] = None) -> np.ndarray:
+        """(T, ...) one key's values over time → (R, ...) smoothed at `rows` (default all), in the group's own terms.
 
         Rotations are smoothed as sign-continuous quaternions (renormalised after), cameras as the
         screen motion they cause, the rest element-wise; the step-preserving weights compare
@@ -523,12 +535,13 @@ class ParamSmoother:
             rotvecs = values.reshape(len(values), -1, 3)
             q = _aligned_quaternions(rotvecs)
             flat = q.reshape(len(q), -1)
-            smoothed = (local_regression_matrix(pts, window, features=flat) @ flat).reshape(q.shape)
-            return quaternion_to_axis_angle(smoothed.reshape(-1, 4)).reshape(values.shape)
+            smoothed = local_regression_matrix(pts, window, features=flat, rows=rows) @ flat
+            return quaternion_to_axis_angle(smoothed.reshape(-1, 4)).reshape(-1, *values.shape[1:])
         if group == "cam":
             cams = values.reshape(len(values), 3)
             screen = cam_to_screen(cams)
-            smoothed = local_regression_matrix(pts, window, features=screen) @ screen
-            return _cam_from_screen(smoothed, cams).reshape(values.shape)
+            smoothed = local_regression_matrix(pts, window, features=screen, rows=rows) @ screen
+            kept = cams if rows is None else cams[list(rows)]
+            return _cam_from_screen(smoothed, kept).reshape(-1, *values.shape[1:])
         flat = values.reshape(len(values), -1)
-        return (local_regression_matrix(pts, window, features=flat) @ flat).reshape(values.shape)
+        return (local_regression_matrix(pts, window, features=flat, rows=rows) @ flat).reshape(-1, *values.shape[1:])

@@ -284,3 +284,16 @@ def test_non_finite_estimates_pass_through_without_poisoning_the_filter():
     assert out[4]["expcode"] is frames[4]["expcode"]
     assert all(np.isfinite(o["expcode"]).all() for i, o in enumerate(out) if i != 4)
     np.testing.assert_allclose(out[5]["expcode"], 5.0, atol=1e-9)  # a ramp through the hole stays exact
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_smoothing_one_frame_equals_that_frame_of_the_whole_sequence(key):
+    # The look-ahead stage fits only its centre frame; it must be the same number as a full fit.
+    rng = np.random.default_rng(5)
+    raw = [{key: noisy_value(key, t, 4, rng), "shapecode": np.zeros(3)} for t in range(9)]
+    pts = [t / FPS for t in range(9)]
+    full = ParamSmoother().smooth_sequence(raw, pts)
+    for at in (0, 4, 8):
+        one = ParamSmoother().smooth_sequence(raw, pts, at=at)
+        np.testing.assert_allclose(one[at][key], full[at][key], rtol=1e-12, atol=1e-12)
+        assert all(one[i][key] is raw[i][key] for i in range(9) if i != at)  # the others untouched

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .detail import DETAIL_CODE_DIM, DetailGenerator, DetailUV, detail_condition, make_detail_encoder
-from .emica import IMAGE_SIZE, check_image, project_to_image
+from .emica import IMAGE_SIZE, FlameFaceModel, check_image
 from .encoders import ResnetEncoder, split_code
 from .flame import FLAME
 
@@ -39,7 +39,7 @@ class DecaNetworks(nn.Module):
         self.flame = flame
 
 
-class DecaModel(nn.Module):
+class DecaModel(FlameFaceModel):
     """DECA / EMOCA with the EMICA-style ``encode`` / ``decode`` / ``forward`` API.
 
     Args:
@@ -78,9 +78,8 @@ class DecaModel(nn.Module):
         self.uv = uv
 
     @property
-    def faces(self) -> torch.Tensor:
-        """(F, 3) int64 FLAME triangles."""
-        return self.deca.flame.faces_tensor
+    def flame_layer(self) -> FLAME:
+        return self.deca.flame
 
     def encode(
         self, image: torch.Tensor, mica_image: torch.Tensor | None = None, shapecode: torch.Tensor | None = None
@@ -103,17 +102,8 @@ class DecaModel(nn.Module):
             codes["detailcode"] = self.deca.E_detail(image)
         return codes
 
-    def decode(self, codes: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Codes → geometry as ``emica.project_to_image`` (+ ``displacement_map``, ``uv_detail_normals``)."""
-        flame_out = self.deca.flame(codes["shapecode"], codes["expcode"], codes["globalpose"], codes["jawpose"])
-        geometry = project_to_image(flame_out, codes["cam"])
-        if self.uv is not None:
-            uv_z = self.deca.D_detail(detail_condition(codes["jawpose"], codes["expcode"], codes["detailcode"]))
-            geometry["displacement_map"], geometry["uv_detail_normals"] = self.uv(uv_z, geometry["verts"])
-        return geometry
-
-    def forward(
-        self, image: torch.Tensor, mica_image: torch.Tensor | None = None, shapecode: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        codes = self.encode(image, mica_image, shapecode)
-        return {**codes, **self.decode(codes)}
+    def decode_detail(self, codes: Mapping[str, torch.Tensor], vertices: torch.Tensor):
+        if self.uv is None:
+            return None
+        uv_z = self.deca.D_detail(detail_condition(codes["jawpose"], codes["expcode"], codes["detailcode"]))
+        return self.uv(uv_z, vertices)

@@ -89,7 +89,50 @@ def check_image(image: torch.Tensor, size: int, name: str) -> None:
         raise ValueError(f"{name} must be (B, 3, {size}, {size}), got {tuple(image.shape)}")
 
 
-class EMICA(nn.Module):
+class FlameFaceModel(nn.Module):
+    """What EMICA, EMOCA and DECA share after their image networks: codes → FLAME → image space, plus the
+    detail maps when a detail branch is on. Subclasses implement ``encode`` and say where their state dict
+    keeps FLAME (``flame_layer``) and how their detail branch decodes (``decode_detail``)."""
+
+    @property
+    def flame_layer(self) -> FLAME:
+        raise NotImplementedError
+
+    def encode(
+        self, image: torch.Tensor, mica_image: torch.Tensor | None = None, shapecode: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode_detail(
+        self, codes: Mapping[str, torch.Tensor], vertices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(displacement_map, uv_detail_normals) for coarse world vertices (B, V, 3); None when coarse only."""
+        raise NotImplementedError
+
+    @property
+    def faces(self) -> torch.Tensor:
+        """(F, 3) int64 FLAME triangles."""
+        return self.flame_layer.faces_tensor
+
+    def decode(self, codes: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Codes (as from ``encode``) → geometry (see ``project_to_image``), plus ``displacement_map``
+        (B, 1, 256, 256) and ``uv_detail_normals`` (B, 3, 256, 256) with a detail branch."""
+        flame_out = self.flame_layer(codes["shapecode"], codes["expcode"], codes["globalpose"], codes["jawpose"])
+        geometry = project_to_image(flame_out, codes["cam"])
+        detail = self.decode_detail(codes, geometry["verts"])
+        if detail is not None:
+            geometry["displacement_map"], geometry["uv_detail_normals"] = detail
+        return geometry
+
+    def forward(
+        self, image: torch.Tensor, mica_image: torch.Tensor | None = None, shapecode: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``encode`` then ``decode``: all codes and geometry in one dict, inferno's names."""
+        codes = self.encode(image, mica_image, shapecode)
+        return {**codes, **self.decode(codes)}
+
+
+class EMICA(FlameFaceModel):
     """EMICA coarse (+ optional detail branch borrowed from an EMOCA/DECA checkpoint).
 
     Args:
@@ -115,9 +158,8 @@ class EMICA(nn.Module):
         self.detail = detail
 
     @property
-    def faces(self) -> torch.Tensor:
-        """(F, 3) int64 FLAME triangles."""
-        return self.shape_model.flame.faces_tensor
+    def flame_layer(self) -> FLAME:
+        return self.shape_model.flame
 
     def encode(
         self, image: torch.Tensor, mica_image: torch.Tensor | None = None, shapecode: torch.Tensor | None = None
@@ -154,20 +196,7 @@ class EMICA(nn.Module):
             codes["detailcode"] = self.detail.encode(image)
         return codes
 
-    def decode(self, codes: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Codes (as from ``encode``) → geometry (see ``project_to_image``), plus ``displacement_map``
-        (B, 1, 256, 256) and ``uv_detail_normals`` (B, 3, 256, 256) with a detail branch."""
-        flame_out = self.shape_model.flame(codes["shapecode"], codes["expcode"], codes["globalpose"], codes["jawpose"])
-        geometry = project_to_image(flame_out, codes["cam"])
-        if self.detail is not None:
-            geometry["displacement_map"], geometry["uv_detail_normals"] = self.detail.decode(
-                codes["jawpose"], codes["expcode"], codes["detailcode"], geometry["verts"]
-            )
-        return geometry
-
-    def forward(
-        self, image: torch.Tensor, mica_image: torch.Tensor | None = None, shapecode: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """``encode`` then ``decode``: all codes and geometry in one dict, inferno's names."""
-        codes = self.encode(image, mica_image, shapecode)
-        return {**codes, **self.decode(codes)}
+    def decode_detail(self, codes: Mapping[str, torch.Tensor], vertices: torch.Tensor):
+        if self.detail is None:
+            return None
+        return self.detail.decode(codes["jawpose"], codes["expcode"], codes["detailcode"], vertices)

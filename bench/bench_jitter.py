@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from realtime.atomic import save_json  # noqa: E402
 from realtime.cli import main as app_main  # noqa: E402
 from realtime.export import load_results  # noqa: E402
 from realtime.smoothing import jitter, step_lag  # noqa: E402
@@ -129,9 +129,7 @@ def main() -> int:
                 rows[tracking] = row
                 print(name, tracking, json.dumps({k: round(v, 4) for k, v in row.items()}))
     out = REPO / "bench" / "results" / f"jitter_{model}.json"
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    save_json(out, report)
     print(f"wrote {out}")
     return 0
 

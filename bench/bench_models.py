@@ -13,7 +13,6 @@ after ``--warmup`` runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from realtime.atomic import atomic_write_bytes  # noqa: E402
+from realtime.atomic import save_json  # noqa: E402
 from realtime.errors import AssetError  # noqa: E402
 from realtime.models import DEFAULT_MODEL, EMICA, load_model  # noqa: E402
 from realtime.models.flame import FLAME  # noqa: E402
@@ -117,7 +116,7 @@ def main() -> None:
     }
     output = args.output or REPO / "bench" / "results" / f"emica_{device.type}_forward.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(output, (json.dumps(report, indent=2) + "\n").encode())
+    save_json(output, report)
     print(f"wrote {output}")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from realtime import engines as E  # noqa: E402
-from realtime.atomic import atomic_write_bytes  # noqa: E402
+from realtime.atomic import save_json  # noqa: E402
 from realtime.models import load_model  # noqa: E402
 
 MODEL = "EMICA-CVT_flame2020_notexture"
@@ -242,8 +241,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"networks_{E.slug(name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, (json.dumps(report, indent=2) + "\n").encode())
+    save_json(out, report)
     print(f"{MODEL} coarse networks on {name} ({report['weights']} weights)")
     print(format_table(rows))
     for note in notes:

@@ -21,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from realtime.atomic import save_json  # noqa: E402
 from realtime.cli import build_parser, config_from_args  # noqa: E402
 from realtime.runner import run  # noqa: E402
 
@@ -76,10 +77,7 @@ def main() -> int:
     }
     slug = "".join(ch if ch.isalnum() else "-" for ch in report["device"]).strip("-").lower()
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"pipeline_{slug}_{best['model']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    save_json(out, report)
     print(json.dumps(report, indent=2))
     print(f"wrote {out}")
     return 0

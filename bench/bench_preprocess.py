@@ -25,7 +25,6 @@ Writes bench/results/preprocess_<device slug>.json. Timings are machine-specific
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from realtime.atomic import atomic_write_bytes  # noqa: E402
+from realtime.atomic import save_json  # noqa: E402
 from realtime.crop import arcface_matrix, arcface_points, warp_arcface, warp_crop  # noqa: E402
 from realtime.engines import slug  # noqa: E402
 from realtime.gpu_crop import FrameUploader, arcface_batch, crop_batch, unique_frames  # noqa: E402
@@ -220,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"preprocess_{slug(name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, (json.dumps(report, indent=2) + "\n").encode())
+    save_json(out, report)
     print(f"wrote {out}")
     return 0
 

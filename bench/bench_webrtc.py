@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 import aioice.ice  # noqa: E402
 from skimage import data  # noqa: E402
 
-from realtime.atomic import atomic_write_bytes  # noqa: E402
+from realtime.atomic import save_json  # noqa: E402
 from realtime.sinks.webrtc import STAMP_CELL, STAMP_HEIGHT, STAMP_WIDTH, WebRTCSink  # noqa: E402
 from realtime.types import AudioChunk, Frame, FrameResult  # noqa: E402
 from tests.browser_cdp import CHROMIUM, Browser  # noqa: E402
@@ -221,9 +221,8 @@ def main() -> None:
     if not CHROMIUM.exists():
         sys.exit(f"{CHROMIUM} is missing: apt-get install chromium")
     report = asyncio.run(bench(args))
-    text = json.dumps(report, indent=2) + "\n"
-    atomic_write_bytes(args.out, text.encode())
-    print(text)
+    save_json(args.out, report)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ reconnects and latency. tests/test_soak.py runs the same thing for a minute.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -33,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from realtime import sources  # noqa: E402
-from realtime.atomic import atomic_write_bytes  # noqa: E402
+from realtime.atomic import save_json  # noqa: E402
 from realtime.cli import build_parser, config_from_args  # noqa: E402
 from realtime.live import ResilientSource  # noqa: E402
 from realtime.runner import run  # noqa: E402
@@ -175,7 +174,7 @@ def main() -> int:
                       record_to=Path(tmp) / "soak.mp4")
     report["machine"] = f"{platform.processor() or platform.machine()} x{os.cpu_count()} (CPU)"
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(a.out, (json.dumps(report, indent=1) + "\n").encode())
+    save_json(a.out, report, indent=1)
     m = report["memory"]
     print(f"{report['frames_out']}/{report['frames_in']} frames in {report['seconds']} s, "
           f"{report['reconnects']} reconnects, RSS {m['rss_at_warmup_mb']:.1f} → {m['rss_at_end_mb']:.1f} MiB "

@@ -8,6 +8,7 @@ that pick a format from the extension (OpenCV, FFmpeg, ``np.save``) behave as fo
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Iterator
@@ -89,6 +90,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, fsync: bool = 
     with atomic_path(path, fsync) as temp:
         with open(temp, "xb") as f:
             f.write(data)
+
+
+def save_json(path: str | os.PathLike[str], data, indent: int = 2, fsync: bool = True) -> None:
+    """Write ``data`` as indented JSON (with a final newline) to ``path`` atomically, creating its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(data, indent=indent) + "\n").encode(), fsync)
 
 
 def save_png(path: str | os.PathLike[str], rgb: np.ndarray, fsync: bool = True) -> None:

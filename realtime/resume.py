@@ -20,7 +20,7 @@ from typing import Optional
 import av
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_bytes
+from .atomic import atomic_path, save_json
 from .errors import UserError
 
 PROGRESS_FILE = "progress.json"
@@ -46,7 +46,7 @@ class Progress:
             raise UserError(f"cannot resume: {path} is damaged ({err}); delete it to start that video again") from err
 
     def save(self, folder: Path) -> None:
-        atomic_write_bytes(folder / PROGRESS_FILE, (json.dumps(asdict(self), indent=2) + "\n").encode())
+        save_json(folder / PROGRESS_FILE, asdict(self))
 
 
 def concat_videos(parts: list[Path], output: Path) -> None:

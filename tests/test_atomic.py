@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import cv2
 import numpy as np
 import pytest
 
-from realtime.atomic import atomic_path, atomic_write_bytes, save_npy, save_npz, save_png
+from realtime.atomic import atomic_path, atomic_write_bytes, save_json, save_npy, save_npz, save_png
 
 
 def test_atomic_write_bytes_replaces_content(tmp_path):
@@ -85,3 +86,13 @@ def test_save_npz_refuses_object_arrays(tmp_path):
     with pytest.raises(ValueError, match="pickle"):
         save_npz(tmp_path / "c.npz", {"bad": np.array([{"a": 1}], dtype=object)})
     assert os.listdir(tmp_path) == []
+
+
+def test_save_json_creates_the_folder_and_never_leaves_a_half_file(tmp_path):
+    path = tmp_path / "results" / "bench.json"
+    save_json(path, {"fps": 83.7, "runs": [1, 2]})
+    assert path.read_text() == '{\n  "fps": 83.7,\n  "runs": [\n    1,\n    2\n  ]\n}\n'
+    with pytest.raises(TypeError):  # not JSON: the earlier file stays whole and no temp file is left
+        save_json(path, {"fps": object()})
+    assert json.loads(path.read_text()) == {"fps": 83.7, "runs": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["bench.json"]

@@ -11,21 +11,13 @@ from PIL import Image, ImageDraw
 from realtime.compose import ComposeOptions, compose, draw_box, panel_shape, paste_blend
 from realtime.errors import UserError
 from realtime.types import Face
+from tests.fakes import fake_face
 
 H, W = 48, 64
 
 
 def make_face(center=(30.0, 22.0), size=20.0) -> Face:
-    return Face(
-        index=0,
-        track_id=0,
-        landmarks=np.zeros((478, 3), np.float32),
-        blendshapes=np.zeros(52, np.float32),
-        transform=np.eye(4, dtype=np.float32),
-        center=center,
-        size=size,
-        crop_matrix=np.array([[1.0, 0, 0], [0, 1.0, 0]]),
-    )
+    return fake_face(center=center, size=size)
 
 
 @pytest.fixture

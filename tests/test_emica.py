@@ -18,6 +18,7 @@ from realtime.models import DecaModel, EMICA, load_model
 from realtime.models.checkpoints import load_mica_tar
 from realtime.models.mica import MICA
 from tests.synthetic_checkpoints import CAM_SCALE
+from tests.fakes import ConstantNet
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS_JSON_CANDIDATES = [
@@ -69,17 +70,6 @@ def constant_heads(model: EMICA, deca_bias: torch.Tensor, expression_bias: torch
             head.load_state_dict(state)
 
 
-class _Constant(nn.Module):
-    """Stands in for a network: returns a fixed (1, N) row for every sample."""
-
-    def __init__(self, value: torch.Tensor):
-        super().__init__()
-        self.value = value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.value.expand(x.shape[0], -1)
-
-
 @contextmanager
 def zero_trunks(model: EMICA):
     """Swap both ResNet-50 trunks for zero features, so tests of the code plumbing skip the convolutions."""
@@ -87,7 +77,7 @@ def zero_trunks(model: EMICA):
                 model.face_encoder.expression_encoder.encoder]
     trunks = [e.encoder for e in encoders]
     for e in encoders:
-        e.encoder = _Constant(torch.zeros(1, 2048))
+        e.encoder = ConstantNet(torch.zeros(1, 2048))
     try:
         yield
     finally:
@@ -277,21 +267,21 @@ def test_jaw_variants_take_jaw_from_the_expression_branch_or_zero(model, image):
                     {"expcode": 100, "jawpose": 3})
     deca_code = torch.arange(83, dtype=torch.float32)[None]
     expression_code = 1000 + torch.arange(103, dtype=torch.float32)[None]
-    jaw.face_encoder.mica_deca_encoder.deca_encoder.encoder = _Constant(deca_code)
-    jaw.face_encoder.expression_encoder.encoder = _Constant(expression_code)
+    jaw.face_encoder.mica_deca_encoder.deca_encoder.encoder = ConstantNet(deca_code)
+    jaw.face_encoder.expression_encoder.encoder = ConstantNet(expression_code)
     codes = jaw.encode(image, shapecode=torch.zeros(2, 300))
     assert torch.equal(codes["jawpose"], expression_code[:, 100:103].expand(2, -1))
     assert torch.equal(codes["globalpose"][0], deca_code[0, 50:53]) and torch.equal(codes["cam"][0], deca_code[0, 53:56])
     assert torch.equal(codes["expcode"][0], expression_code[0, :100])
     # FLAME 2023 "no jaw": no branch predicts it, so the jaw is zero
     jaw.expression_predicts = {"expcode": 100}
-    jaw.face_encoder.expression_encoder.encoder = _Constant(expression_code[:, :100])
+    jaw.face_encoder.expression_encoder.encoder = ConstantNet(expression_code[:, :100])
     assert torch.equal(jaw.encode(image, shapecode=torch.zeros(2, 300))["jawpose"], torch.zeros(2, 3))
     # both branches predict a jaw: the expression branch (written last in inferno) wins
     jaw.deca_predicts = {"texcode": 50, "jawpose": 3, "globalpose": 3, "cam": 3, "lightcode": 27}
     jaw.expression_predicts = {"expcode": 100, "jawpose": 3}
-    jaw.face_encoder.mica_deca_encoder.deca_encoder.encoder = _Constant(torch.arange(86.0)[None])
-    jaw.face_encoder.expression_encoder.encoder = _Constant(expression_code)
+    jaw.face_encoder.mica_deca_encoder.deca_encoder.encoder = ConstantNet(torch.arange(86.0)[None])
+    jaw.face_encoder.expression_encoder.encoder = ConstantNet(expression_code)
     assert torch.equal(jaw.encode(image, shapecode=torch.zeros(2, 300))["jawpose"][0], expression_code[0, 100:])
 
 

@@ -21,6 +21,7 @@ from realtime.smoothing import (
     step_lag,
 )
 from realtime.types import Face, Frame, FrameResult, Reconstruction
+from tests.fakes import fake_face
 
 FPS = 30.0
 EMICA = "EMICA-CVT_flame2020_notexture"
@@ -60,9 +61,7 @@ def _points(key: str, values) -> np.ndarray:
 
 def _face(track_id: int, landmarks: np.ndarray | None = None) -> Face:
     lm = np.full((478, 3), 100.0, np.float32) if landmarks is None else landmarks
-    return Face(index=0, track_id=track_id, landmarks=lm, blendshapes=np.zeros(52, np.float32),
-                transform=np.eye(4, dtype=np.float32), center=(100.0, 100.0), size=80.0,
-                crop_matrix=np.eye(2, 3))
+    return fake_face(track_id=track_id, landmarks=lm, center=(100.0, 100.0), size=80.0)
 
 
 class CodesReconstructor:

@@ -13,6 +13,7 @@ from realtime.models.emica import EmicaEncoder
 from realtime.models.encoders import DecaEncoder, ResnetEncoder, split_code
 from realtime.models.mica import MICA, MappingNetwork, MicaEncoder, arcface_input_from_crop
 from realtime.models.resnet import resnet50
+from tests.fakes import ConstantNet
 
 
 def n_params(module: nn.Module) -> int:
@@ -108,15 +109,6 @@ def test_mica_regressor_names_and_shape_output():
                           ("network.0", "network.1", "network.2", "network.3", "output") for p in ("weight", "bias")]
 
 
-class _Constant(nn.Module):
-    def __init__(self, value: torch.Tensor):
-        super().__init__()
-        self.value = value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.value.expand(x.shape[0], -1)
-
-
 def test_mica_l2_normalises_the_arcface_embedding():
     mica = MICA().eval()
     seen = {}
@@ -132,11 +124,11 @@ def test_mica_l2_normalises_the_arcface_embedding():
     assert torch.allclose(unit.norm(dim=1), torch.ones(1), atol=1e-5)
     assert torch.allclose(unit, raw / raw.norm(dim=1, keepdim=True), atol=1e-6)
     # eps 1e-12 like F.normalize: an all-zero embedding stays finite (zeros), not NaN; a tiny one is scaled up
-    mica.arcface = _Constant(torch.zeros(1, 512))
+    mica.arcface = ConstantNet(torch.zeros(1, 512))
     assert torch.equal(mica.identity(torch.zeros(2, 3, 112, 112)), torch.zeros(2, 512))
     tiny = torch.zeros(1, 512)
     tiny[0, 0] = 1e-9
-    mica.arcface = _Constant(tiny)
+    mica.arcface = ConstantNet(tiny)
     assert torch.allclose(mica.identity(torch.zeros(1, 3, 112, 112))[0, 0], torch.tensor(1.0))
 
 

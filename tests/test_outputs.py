@@ -10,7 +10,8 @@ import pytest
 
 from realtime.sinks import Sink
 from realtime.sinks.outputs import FrameOutputs
-from realtime.types import Face, Frame, FrameResult, Reconstruction
+from realtime.types import Frame, FrameResult, Reconstruction
+from tests.fakes import fake_face
 
 CODE_SHAPES = {
     "shapecode": (300,),
@@ -42,16 +43,8 @@ def shift_matrix(x0: float, y0: float, scale: float = 1.0) -> np.ndarray:
 
 
 def make_rec(k: int, rng: np.random.Generator, x0: float = 10, y0: float = 20, codes: dict | None = None) -> Reconstruction:
-    face = Face(
-        index=k,
-        track_id=100 + k,
-        landmarks=np.zeros((478, 3), np.float32),
-        blendshapes=np.zeros(52, np.float32),
-        transform=np.eye(4, dtype=np.float32),
-        center=(x0 + 112.0, y0 + 112.0),
-        size=224.0,
-        crop_matrix=shift_matrix(x0, y0),
-    )
+    face = fake_face(index=k, track_id=100 + k, center=(x0 + 112.0, y0 + 112.0), size=224.0,
+                     crop_matrix=shift_matrix(x0, y0))
     if codes is None:
         codes = {key: rng.standard_normal(shape).astype(np.float32) for key, shape in CODE_SHAPES.items()}
     return Reconstruction(

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from realtime.pipeline import LatestQueue, Pipeline
-from realtime.types import AudioChunk, Face, Frame, FrameResult
+from realtime.types import AudioChunk, Frame, FrameResult
+from tests.fakes import fake_face
 
 
 def _results(n, delay=0.0, audio=False):
@@ -113,8 +114,7 @@ def test_stats_have_percentiles_per_stage():
 
 def test_faces_count_toward_batches():
     stage = Record(batched=True)
-    face = Face(index=0, track_id=0, landmarks=np.zeros((478, 3), np.float32), blendshapes=np.zeros(52, np.float32),
-                transform=np.eye(4, dtype=np.float32), center=(0.0, 0.0), size=1.0, crop_matrix=np.zeros((2, 3)))
+    face = fake_face()
 
     def two_faces():
         for r in _results(6):

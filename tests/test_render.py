@@ -11,6 +11,7 @@ import pytest
 from realtime.errors import UserError
 from realtime.render import Renderer, vertex_normals
 from realtime.types import Face, Reconstruction
+from tests.fakes import fake_face
 
 LIGHTS = np.array([[-1, 1, 1], [1, 1, 1], [-1, -1, 1], [1, -1, 1], [0, 0, 1]], dtype=np.float64)
 LIGHTS /= np.linalg.norm(LIGHTS, axis=1, keepdims=True)
@@ -22,16 +23,7 @@ def deca_level(normal: np.ndarray) -> float:
 
 
 def make_face(crop_matrix: np.ndarray | None = None) -> Face:
-    return Face(
-        index=0,
-        track_id=0,
-        landmarks=np.zeros((478, 3), np.float32),
-        blendshapes=np.zeros(52, np.float32),
-        transform=np.eye(4, dtype=np.float32),
-        center=(0.0, 0.0),
-        size=1.0,
-        crop_matrix=np.array([[1.0, 0, 0], [0, 1.0, 0]]) if crop_matrix is None else crop_matrix,
-    )
+    return fake_face() if crop_matrix is None else fake_face(crop_matrix=crop_matrix)
 
 
 def pixel_affine(scale: float, cx: float, cy: float, flip_x: bool = False) -> np.ndarray:

@@ -4,7 +4,6 @@ processing that frame, so a long session with many passers-by holds state for th
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -18,19 +17,17 @@ from realtime.runner import ReconstructStage, TrackStage
 from realtime.smoothing import ParamSmoother
 from realtime.tracks import TrackAssigner
 from realtime.types import Face, Frame, FrameResult
+from tests.fakes import face_at
 
 FPS = 30.0
 MAX_LOST = 15  # TrackStage's TrackAssigner() default
-_TEMPLATE = np.random.default_rng(0).uniform(-0.35, 0.35, size=(478, 3))  # a fixed "face" in box units
 
 
 def make_face(cx: float, cy: float, size: float, index: int = 0, track_id: int = -1) -> Face:
     half = size / 2
     # Frame pixel → crop pixel of the 224 crop, so the model stage cuts the face's own box.
     crop = np.array([[224 / size, 0, -(cx - half) * 224 / size], [0, 224 / size, -(cy - half) * 224 / size]])
-    return Face(index=index, track_id=track_id, landmarks=(_TEMPLATE * size + [cx, cy, 0.0]).astype(np.float32),
-                blendshapes=np.zeros(52, np.float32), transform=np.eye(4, dtype=np.float32),
-                center=(cx, cy), size=size, crop_matrix=crop)
+    return face_at(cx, cy, size, index=index, track_id=track_id, crop_matrix=crop)
 
 
 def smoothed_tracks(smoother: ParamSmoother) -> set[int]:

@@ -7,25 +7,16 @@ import pytest
 
 from realtime.tracks import IdentityCache, TrackAssigner, box_iou
 from realtime.types import Face, Frame
+from tests.fakes import face_at
 
 FPS = 30.0
-_TEMPLATE = np.random.default_rng(0).uniform(-0.35, 0.35, size=(478, 3))  # a fixed "face" in box units
 
 
 def make_face(cx: float, cy: float, size: float, index: int = 0, jitter: float = 0.0, rng=None) -> Face:
-    lms = _TEMPLATE * size + np.array([cx, cy, 0.0])
+    face = face_at(cx, cy, size, index=index)
     if jitter:
-        lms = lms + rng.normal(0, jitter, size=lms.shape)
-    return Face(
-        index=index,
-        track_id=-1,
-        landmarks=lms.astype(np.float32),
-        blendshapes=np.zeros(52, np.float32),
-        transform=np.eye(4, dtype=np.float32),
-        center=(cx, cy),
-        size=size,
-        crop_matrix=np.eye(2, 3),
-    )
+        face.landmarks = (face.landmarks + rng.normal(0, jitter, size=face.landmarks.shape)).astype(np.float32)
+    return face
 
 
 def run(assigner: TrackAssigner, frames: list[list[tuple[str, float, float, float]]], seed: int = 1):

@@ -352,7 +352,9 @@ def _make_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as err:
-        raise UserError(f"cannot create output folder {folder}: a file is in the way ({err.filename}); choose another --output_folder") from err
+        # The OS names the folder it was making; the user needs the file that blocks it (maybe a parent).
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), err.filename)
+        raise UserError(f"cannot create output folder {folder}: a file is in the way ({blocker}); choose another --output_folder") from err
     except OSError as err:
         raise UserError(f"cannot create output folder {folder}: {err.strerror}; choose another --output_folder") from err
 

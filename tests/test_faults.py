@@ -235,6 +235,18 @@ def _output_folder_is_a_file(tmp: Path, media: Path):
     return ["--input", str(media / "head30.mp4"), "--output_folder", "results.txt"], ["results.txt", "--output_folder"]
 
 
+def _output_folder_under_a_file(tmp: Path, media: Path):
+    (tmp / "results.txt").write_text("my notes, not a folder\n")
+    return (["--input", str(media / "head30.mp4"), "--output_folder", "results.txt/run1"],
+            ["(results.txt)", "--output_folder"])  # names the file that blocks it, not the folder it wanted
+
+
+def _live_export_under_a_file(tmp: Path, media: Path):
+    (tmp / "results.txt").write_text("my notes, not a folder\n")
+    return (["--input", str(media / "head30.mp4"), "--realtime", "--export", "npz", "--output_folder", "results.txt"],
+            ["(results.txt)", "--output_folder"])
+
+
 def _flag(*flag_args: str, needles: tuple[str, ...]):
     def build(tmp: Path, media: Path):
         return ["--input", str(media / "head30.mp4"), *flag_args], list(needles)
@@ -257,6 +269,8 @@ FATAL = {
     "http-refused": _http_refused,
     "model-assets-missing": _assets_missing,
     "output-folder-is-a-file": _output_folder_is_a_file,
+    "output-folder-under-a-file": _output_folder_under_a_file,
+    "live-export-folder-is-a-file": _live_export_under_a_file,
     "batch-size-0": _flag("--batch_size", "0", needles=("--batch_size", "at least 1", "got 0")),
     "cat-dim-5": _flag("--cat_dim", "5", needles=("--cat_dim", "5", "0, 1")),
     "scale-negative": _flag("--scale", "-1", needles=("--scale", "positive", "-1")),

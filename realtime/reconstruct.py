@@ -80,7 +80,7 @@ class MediaPipeMeshReconstructor:
         outline = landmarks[self._outline, :2].astype(np.float64)
         lo, hi = outline.min(axis=0), outline.max(axis=0)
         cx, cy = (lo + hi) / 2.0
-        s = float((hi - lo).mean() * 1.1 * self.scale)
+        s = max(float((hi - lo).mean() * 1.1 * self.scale), 1.0)  # a point-sized detection: 1 px, not a 0 divide
         world = np.empty_like(pts)
         world[:, 0] = (pts[:, 0] - cx) / s
         world[:, 1] = -(pts[:, 1] - cy) / s

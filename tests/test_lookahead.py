@@ -147,6 +147,11 @@ def test_mediapipe_world_mesh_ignores_the_raw_tracking_box():
     np.testing.assert_allclose(moved.frame_points()[:, :2], landmarks[:468, :2], atol=1e-3)
 
 
+def test_mediapipe_mesh_of_a_point_sized_face_is_finite():
+    rec = MediaPipeMeshReconstructor()._mesh(_face(0), np.full((478, 3), 100.0, np.float32))
+    assert np.all(np.isfinite(rec.vertices)) and np.all(np.isfinite(rec.world_to_frame))
+
+
 def test_tracks_that_come_and_go_use_the_neighbours_they_have():
     stage = LookaheadSmoother(CodesReconstructor(), ParamSmoother(), frames=2)
     present = {1: range(10), 2: [3, 4, 5, 8]}  # track 2 appears, vanishes, comes back for one frame

@@ -626,10 +626,12 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
 
 
 class TensorRTEngine(Engine):
-    """A serialized TensorRT 10 engine (one optimisation profile, dynamic batch) on the pipeline's CUDA stream.
+    """A serialized TensorRT 10 engine (one optimisation profile, dynamic batch) on a CUDA stream.
 
     Device buffers for every input and output are allocated once at the profile's max batch (torch tensors);
-    a call copies the inputs in, sets the input shapes, and enqueues ``execute_async_v3`` on ``stream``.
+    a call copies the inputs in, sets the input shapes, and enqueues ``execute_async_v3`` on ``stream``, or,
+    when none was given, on the caller's current stream (so a ``realtime.streams.StreamFork`` branch runs it
+    beside the other networks).
     Batches below the profile's minimum are padded (last row repeated). Outputs come back as fp32 copies.
     """
 
@@ -650,7 +652,7 @@ class TensorRTEngine(Engine):
         self.name = name or manifest.network
         self.precision = manifest.precision
         self.device = torch.device("cuda", torch.cuda.current_device())
-        self.stream = stream or torch.cuda.current_stream(self.device)
+        self.stream = stream
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
@@ -680,17 +682,18 @@ class TensorRTEngine(Engine):
         batch = inputs[0].shape[0]
         size = max(batch, self.min_batch)
         caller = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(caller)  # the inputs may still be being written on the caller's stream
-        with torch.cuda.stream(self.stream):
+        stream = self.stream or caller
+        stream.wait_stream(caller)  # the inputs may still be being written on the caller's stream
+        with torch.cuda.stream(stream):
             for n, x in zip(self.input_names, inputs):
                 buf = self._buffers[n]
                 buf[:size].copy_(_pad_rows(x.to(self.device, non_blocking=True), size))
                 self.context.set_input_shape(n, (size, *buf.shape[1:]))
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
+            if not self.context.execute_async_v3(stream.cuda_stream):
                 raise RuntimeError(f"TensorRT failed to enqueue engine {self.path}")
             # Copies: the buffers are overwritten by the next call.
             outputs = tuple(self._buffers[n][:batch].to(torch.float32, copy=True) for n in self.output_names)
-        caller.wait_stream(self.stream)  # a no-op when the caller runs on ``stream`` itself
+        caller.wait_stream(stream)  # a no-op when the caller runs on ``stream`` itself
         return outputs
 
 

@@ -22,6 +22,7 @@ from .config import RunConfig
 from .crop import arcface_matrix, arcface_points, warp_arcface, warp_crop
 from .errors import UserError
 from .gpu_crop import FrameUploader, arcface_batch, crop_batch, unique_frames
+from .streams import StreamFork, to_host
 from .types import Face, FrameResult, Reconstruction
 
 log = logging.getLogger("realtime")
@@ -47,6 +48,10 @@ class ModelReconstructor:
                                 mode=m.mode, detail_model=m.detail_model if m.mode == "detail" and m.name.startswith("EMICA") else None)
         self.is_emica = isinstance(self.model, EMICA)
         self.backend = _attach_engines(self.model, cfg)
+        # The image networks share no data until FLAME: on a GPU each runs on its own stream (MICA beside the ResNets).
+        self.fork = StreamFork(self.device)
+        if self.fork.enabled:
+            _branch_image_networks(self.model, self.fork)
         self.faces = self.model.faces.detach().cpu().numpy().astype(np.int32)
         self.smoother = smoother
         self.skipped_faces = 0
@@ -59,6 +64,22 @@ class ModelReconstructor:
         self.uvcoords, self.uvfaces = _uv_topology(self.model)
         # On a GPU the crops are cut there, batched; on the CPU OpenCV per face is faster (bench/bench_preprocess.py).
         self.uploader = FrameUploader(self.device) if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            self._warm_up(_graph_batch_sizes(m.batch_size))
+
+    @torch.inference_mode()
+    def _warm_up(self, sizes: tuple[int, ...]) -> None:
+        """Run every batch size once at start-up, so CUDA-graph capture and cuDNN autotuning happen here and not
+        on the first live frames."""
+        for size in sizes:
+            image = torch.zeros(size, 3, MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE, device=self.device)
+            with self.fork:
+                shapecode = self.model.encode_identity(image[:, :, ::2, ::2] * 2 - 1) if self.is_emica else None
+                codes = self.model.encode_frame(image) if self.is_emica else self.model.encode(image)
+            if shapecode is not None:
+                codes["shapecode"] = shapecode
+            self.model.decode(codes)
+        torch.cuda.synchronize(self.device)
 
     # -- inputs ---------------------------------------------------------------------------------
     def _inputs(self, items: list[tuple[FrameResult, Face]], need_mica: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -86,11 +107,12 @@ class ModelReconstructor:
             mica = arcface_batch(on_device, [frame_index[i] for i in need_mica], matrices)
         return image, mica
 
-    def _identity(self, items, mica: Optional[torch.Tensor], need: list[int]) -> Optional[torch.Tensor]:
-        """Shape codes per face from the cache (MICA run only for `need`); None = let the model run MICA on all."""
-        if self.identity is None or not self.is_emica:
-            return None
-        fresh = self.model.face_encoder.mica_deca_encoder.mica_encoder(mica).cpu().numpy() if need else None
+    def _identity(self, items, fresh: Optional[torch.Tensor], need: list[int]) -> torch.Tensor:
+        """Shape codes per face: MICA's `fresh` codes (rows `need`) folded into the per-track cache, or `fresh`
+        itself without a cache (then `need` is every face)."""
+        if self.identity is None:
+            return fresh
+        fresh = to_host({"shapecode": fresh})["shapecode"] if need else None
         codes = []
         for i, (_, face) in enumerate(items):
             if i in need:
@@ -126,12 +148,12 @@ class ModelReconstructor:
         else:
             need = [i for i, (_, f) in enumerate(items) if cache.needs_code(f.track_id) or cache.get(f.track_id) is None]
         image, mica = self._inputs(items, need)
-        shapecode = self._identity(items, mica, need)
-        if shapecode is None:
-            codes = self.model.encode(image, mica_image=mica)
-        else:
-            codes = self.model.encode(image, shapecode=shapecode)
-        if self.identity is not None and not self.is_emica:
+        with self.fork:  # MICA first: on a GPU it then runs while the ResNets are queued
+            fresh = self.model.encode_identity(mica) if need else None
+            codes = self.model.encode_frame(image) if self.is_emica else self.model.encode(image)
+        if self.is_emica:
+            codes = {"shapecode": self._identity(items, fresh, need), **codes}
+        elif self.identity is not None:
             codes["shapecode"] = self._cached_predicted_shape(items, codes["shapecode"])
         if self.smoother is not None:
             codes = self._smooth(items, codes)
@@ -140,14 +162,14 @@ class ModelReconstructor:
 
     def _cached_predicted_shape(self, items, shapecode: torch.Tensor) -> torch.Tensor:
         """DECA/EMOCA predict identity with the pose: average it per track like MICA's."""
-        raw = shapecode.cpu().numpy()
+        raw = to_host({"shapecode": shapecode})["shapecode"]
         out = [self.identity.update(f.track_id, raw[i]) if self.identity.needs_code(f.track_id) else self.identity.get(f.track_id)
                for i, (_, f) in enumerate(items)]
         return torch.from_numpy(np.stack(out).astype(np.float32)).to(shapecode.device)
 
     def _smooth(self, items, codes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         keys = [k for k in SMOOTHED_KEYS if k in codes]
-        host = {k: codes[k].cpu().numpy() for k in keys}
+        host = to_host({k: codes[k] for k in keys})
         for i, (r, f) in enumerate(items):
             smoothed = self.smoother.smooth(f.track_id, {k: host[k][i] for k in keys}, r.frame.pts)
             for k in keys:
@@ -165,13 +187,15 @@ class ModelReconstructor:
         """One Reconstruction per (result, face) item from decoded batch outputs; None where an output is non-finite."""
         from .models.camera import world_to_frame_matrix
 
-        verts = geometry["verts"].float().cpu().numpy()
-        lmk = geometry["predicted_landmarks2d_flame_space"].float().cpu().numpy()
-        host_codes = {k: codes[k].float().cpu().numpy() for k in CODE_KEYS if k in codes}
-        normals = geometry.get("uv_detail_normals")
-        normals = normals.permute(0, 2, 3, 1).float().cpu().numpy() if normals is not None else None
-        displacement = geometry.get("displacement_map")
-        displacement = displacement.float().cpu().numpy() if displacement is not None else None
+        wanted = {"verts": geometry["verts"], "lmk": geometry["predicted_landmarks2d_flame_space"],
+                  **{f"code:{k}": codes[k] for k in CODE_KEYS if k in codes}}
+        if "uv_detail_normals" in geometry:
+            wanted["normals"] = geometry["uv_detail_normals"].permute(0, 2, 3, 1)
+            wanted["displacement"] = geometry["displacement_map"]
+        host = to_host(wanted)  # one wait for all copies, not one per tensor
+        verts, lmk = host["verts"], host["lmk"]
+        host_codes = {k[5:]: v for k, v in host.items() if k.startswith("code:")}
+        normals, displacement = host.get("normals"), host.get("displacement")
         out: list[Optional[Reconstruction]] = []
         for i, (_, f) in enumerate(items):
             face_codes = {k: v[i] for k, v in host_codes.items()}
@@ -256,7 +280,8 @@ def _attach_engines(model, cfg: RunConfig) -> str:
                                 batch_size=m.batch_size, weights=weights, mode=m.mode)
     if backend == "torch" and torch.device(m.device).type == "cpu":
         return backend  # eager PyTorch is the model itself
-    engines = create_engines(backend, networks, m.device, m.precision, m.engines_dir, m.name, mode=m.mode, weights=weights)
+    engines = create_engines(backend, networks, m.device, m.precision, m.engines_dir, m.name, mode=m.mode, weights=weights,
+                             batch_sizes=_graph_batch_sizes(m.batch_size))
     wrap = {name: _EngineModule(e) for name, e in engines.items()}
     if isinstance(model, EMICA):
         enc = model.face_encoder
@@ -272,6 +297,29 @@ def _attach_engines(model, cfg: RunConfig) -> str:
         if "detail_encoder" in wrap:
             model.deca.E_detail = wrap["detail_encoder"]
     return backend
+
+
+def _graph_batch_sizes(batch_size: int) -> tuple[int, ...]:
+    """Batch sizes with a captured CUDA graph: small ones for live input, and the file batch size itself."""
+    return tuple(sorted({1, 4, 16, max(1, batch_size)}))
+
+
+def _branch_image_networks(model, fork: StreamFork) -> None:
+    """Put each image network of `model` on a stream of its own (see `realtime.streams`)."""
+    from .models.emica import EMICA
+
+    if isinstance(model, EMICA):
+        enc = model.face_encoder
+        enc.mica_deca_encoder.mica_encoder = fork.branch(enc.mica_deca_encoder.mica_encoder)
+        enc.mica_deca_encoder.deca_encoder = fork.branch(enc.mica_deca_encoder.deca_encoder)
+        enc.expression_encoder = fork.branch(enc.expression_encoder)
+        if model.detail is not None:
+            model.detail.E_detail = fork.branch(model.detail.E_detail)
+        return
+    model.deca.E_flame = fork.branch(model.deca.E_flame)
+    for name in ("E_expression", "E_detail"):
+        if getattr(model.deca, name, None) is not None:
+            setattr(model.deca, name, fork.branch(getattr(model.deca, name)))
 
 
 def _uv_topology(model) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:

@@ -7,8 +7,9 @@ camera. The module tree and names equal inferno's, so ``state_dict()`` keys equa
 (``face_encoder.mica_deca_encoder.mica_encoder.E_mica.arcface…``, ``shape_model.flame.*``); the renderer's
 buffers are not kept (rebuilt from the FLAME files by the renderer).
 
-``encode`` runs the image networks (export them alone; pass a cached ``shapecode`` to skip MICA) and ``decode``
-turns codes into geometry; ``forward`` does both and returns inferno's output names.
+``encode`` runs the image networks (export them alone; pass a cached ``shapecode`` to skip MICA; or call
+``encode_identity`` and ``encode_frame`` apart) and ``decode`` turns codes into geometry; ``forward`` does both
+and returns inferno's output names.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class EMICA(FlameFaceModel):
     def encode(
         self, image: torch.Tensor, mica_image: torch.Tensor | None = None, shapecode: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """Run the image networks.
+        """Run the image networks: ``encode_identity`` (unless ``shapecode`` is given) and ``encode_frame``.
 
         Args:
             image: (B, 3, 224, 224) RGB in [0, 1], the face crop. Fed to both ResNets exactly as given (no
@@ -179,16 +180,22 @@ class EMICA(FlameFaceModel):
             ``lightcode`` (B, 27, flat), ``expcode`` (B, 100); plus ``detailcode`` (B, 128) with a detail branch.
         """
         check_image(image, IMAGE_SIZE, "image")
-        encoders = self.face_encoder
         if shapecode is None:
-            if mica_image is None:
-                mica_image = arcface_input_from_crop(image)
-            check_image(mica_image, ARCFACE_SIZE, "mica_image")
-            shapecode = encoders.mica_deca_encoder.mica_encoder(mica_image)
+            shapecode = self.encode_identity(arcface_input_from_crop(image) if mica_image is None else mica_image)
         elif tuple(shapecode.shape) != (image.shape[0], SHAPE_DIM):
             raise ValueError(f"shapecode must be ({image.shape[0]}, {SHAPE_DIM}), got {tuple(shapecode.shape)}")
-        codes = {"shapecode": shapecode}
-        codes.update(split_code(encoders.mica_deca_encoder.deca_encoder(image), self.deca_predicts))
+        return {"shapecode": shapecode, **self.encode_frame(image)}
+
+    def encode_identity(self, mica_image: torch.Tensor) -> torch.Tensor:
+        """MICA: (B, 3, 112, 112) ArcFace crop in [-1, 1] → shapecode (B, 300)."""
+        check_image(mica_image, ARCFACE_SIZE, "mica_image")
+        return self.face_encoder.mica_deca_encoder.mica_encoder(mica_image)
+
+    def encode_frame(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-frame codes (all but ``shapecode``, see ``encode``) from the (B, 3, 224, 224) crop."""
+        check_image(image, IMAGE_SIZE, "image")
+        encoders = self.face_encoder
+        codes = split_code(encoders.mica_deca_encoder.deca_encoder(image), self.deca_predicts)
         codes.update(split_code(encoders.expression_encoder(image), self.expression_predicts))
         if "jawpose" not in codes:  # the FLAME 2023 "no jaw" variants
             codes["jawpose"] = codes["globalpose"].new_zeros(image.shape[0], 3)

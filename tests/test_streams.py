@@ -1,0 +1,114 @@
+"""Independent networks on their own CUDA streams (realtime.streams) and the batched copy back to the host."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from realtime.config import ModelConfig, RunConfig
+from realtime.streams import StreamFork, to_host
+from tests.fakes import face_at
+
+HAS_CUDA = torch.cuda.is_available()
+MODEL = "EMICA-CVT_flame2020_notexture"
+
+
+def test_cpu_branch_is_the_module_itself():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 3)
+    fork = StreamFork("cpu")
+    branch = fork.branch(net)
+    x = torch.randn(4, 5)
+    assert not fork.enabled
+    with fork:
+        inside = branch(x)
+    assert torch.equal(inside, net(x)) and torch.equal(branch(x), net(x))
+
+
+def test_fork_is_not_reentrant_and_reopens_after_an_error():
+    fork = StreamFork("cpu")
+    with fork, pytest.raises(RuntimeError, match="not re-entrant"):
+        with fork:
+            pass
+    with pytest.raises(ValueError), fork:
+        raise ValueError("inside")
+    with fork:  # closed again by the error above
+        pass
+
+
+def test_to_host_gives_float32_arrays_by_name():
+    half = torch.tensor([[1.5, -2.0]], dtype=torch.float16)
+    strided = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4).permute(0, 2, 1)
+    host = to_host({"half": half, "strided": strided})
+    assert set(host) == {"half", "strided"}
+    assert host["half"].dtype == np.float32 and host["half"].tolist() == [[1.5, -2.0]]
+    np.testing.assert_array_equal(host["strided"], strided.numpy())
+
+
+def test_identity_and_frame_codes_apart_equal_one_encode(synthetic_assets):
+    """MICA run apart from the ResNets (`encode_identity` + `encode_frame`) gives what one `encode` call gives."""
+    from realtime.models import load_model
+
+    model = load_model(MODEL, assets_dir=synthetic_assets, device="cpu")
+    torch.manual_seed(1)
+    image, arcface = torch.rand(2, 3, 224, 224), torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        whole = model.encode(image, mica_image=arcface)
+        apart = {"shapecode": model.encode_identity(arcface), **model.encode_frame(image)}
+    assert list(whole) == list(apart)
+    for k in whole:
+        assert torch.equal(whole[k], apart[k]), k
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_branches_on_streams_match_one_stream(synthetic_assets):
+    from realtime.model_runtime import _branch_image_networks
+    from realtime.models import load_model
+
+    plain = load_model(MODEL, assets_dir=synthetic_assets, device="cuda")
+    forked = load_model(MODEL, assets_dir=synthetic_assets, device="cuda")
+    fork = StreamFork("cuda")
+    _branch_image_networks(forked, fork)
+    torch.manual_seed(2)
+    image, arcface = torch.rand(4, 3, 224, 224, device="cuda"), torch.rand(4, 3, 112, 112, device="cuda") * 2 - 1
+    with torch.inference_mode():
+        want = plain.encode(image, mica_image=arcface)
+        for _ in range(3):  # repeated: a missing join would show as a race, not on the first call only
+            with fork:
+                got = {"shapecode": forked.encode_identity(arcface), **forked.encode_frame(image)}
+            got = to_host(got)
+            for k in want:
+                np.testing.assert_allclose(got[k], want[k].cpu().numpy(), rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("identity_cache", [False, True])
+def test_gpu_reconstructor_matches_the_cpu_one(synthetic_assets, tmp_path, identity_cache):
+    """Streams, CUDA graphs, warm-up, GPU crops and the batched copy back against the CPU path."""
+    from realtime.model_runtime import ModelReconstructor
+    from realtime.types import Frame, FrameResult
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    faces = [face_at(200.0, 220.0, 160.0, track_id=1), face_at(430.0, 260.0, 120.0, track_id=2)]
+
+    def run(device: str) -> list:
+        cfg = RunConfig(model=ModelConfig(assets_dir=str(synthetic_assets), device=device, backend="torch",
+                                          engines_dir=str(tmp_path), batch_size=4))
+        model = ModelReconstructor(cfg, identity_cache=identity_cache)
+        results = [FrameResult(frame=Frame(index=i, pts=i / 30, image=image), faces=faces) for i in range(3)]
+        model.reconstruct(results)
+        return [rec for r in results for rec in r.reconstructions]
+
+    cpu, gpu = run("cpu"), run("cuda")
+    assert len(gpu) == len(cpu) == 6
+    for a, b in zip(cpu, gpu):
+        # Loose enough for unrounded GPU crops and TF32 convolutions; a race or a wrong row is far outside.
+        np.testing.assert_allclose(b.vertices, a.vertices, atol=2e-3)  # metres
+        np.testing.assert_allclose(b.landmarks, a.landmarks, atol=0.5)  # pixels

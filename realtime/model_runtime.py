@@ -64,7 +64,13 @@ class ModelReconstructor:
         self.uvcoords, self.uvfaces = _uv_topology(self.model)
         # On a GPU the crops are cut there, batched; on the CPU OpenCV per face is faster (bench/bench_preprocess.py).
         self.uploader = FrameUploader(self.device) if self.device.type == "cuda" else None
+        # FLAME (and the detail decoder) are hundreds of small kernels per batch: on a GPU, one CUDA graph.
+        self.decoder = None
         if self.device.type == "cuda":
+            from .engines import TorchEngine
+
+            self.decoder = TorchEngine(DecodeNetwork(self.model), self.device, "fp32", channels_last=False,
+                                       batch_sizes=_graph_batch_sizes(m.batch_size), name="decode")
             self._warm_up(_graph_batch_sizes(m.batch_size))
 
     @torch.inference_mode()
@@ -78,8 +84,14 @@ class ModelReconstructor:
                 codes = self.model.encode_frame(image) if self.is_emica else self.model.encode(image)
             if shapecode is not None:
                 codes["shapecode"] = shapecode
-            self.model.decode(codes)
+            self._decode(codes)
         torch.cuda.synchronize(self.device)
+
+    def _decode(self, codes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.decoder is None:
+            return self.model.decode(codes)
+        net: DecodeNetwork = self.decoder.module
+        return dict(zip(net.outputs, self.decoder(*(codes[k] for k in net.inputs))))
 
     # -- inputs ---------------------------------------------------------------------------------
     def _inputs(self, items: list[tuple[FrameResult, Face]], need_mica: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -157,7 +169,7 @@ class ModelReconstructor:
             codes["shapecode"] = self._cached_predicted_shape(items, codes["shapecode"])
         if self.smoother is not None:
             codes = self._smooth(items, codes)
-        geometry = self.model.decode(codes)
+        geometry = self._decode(codes)
         self._emit(items, codes, geometry)
 
     def _cached_predicted_shape(self, items, shapecode: torch.Tensor) -> torch.Tensor:
@@ -247,11 +259,28 @@ class ModelReconstructor:
         batch = {k: torch.from_numpy(np.stack([np.asarray({**r.codes, **c}[k], np.float32) for r, c in zip(recs, codes)]))
                  .to(self.device) for k in keys}
         items = [(None, r.face) for r in recs]
-        fresh = self._build(items, batch, self.model.decode(batch))
+        fresh = self._build(items, batch, self._decode(batch))
         for rec, new in zip(recs, fresh):
             if new is None:
                 log.warning("non-finite output after smoothing (track %d): kept the unsmoothed face", rec.face.track_id)
         return [rec if new is None else new for rec, new in zip(recs, fresh)]
+
+
+class DecodeNetwork(torch.nn.Module):
+    """``model.decode`` with tensors in and out, so an engine (a CUDA graph) can run it: the codes it reads, in
+    ``inputs`` order → the geometry ``ModelReconstructor`` reads, in ``outputs`` order."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        detail = getattr(model, "detail", None) is not None or getattr(model, "uv", None) is not None
+        self.inputs = ("shapecode", "expcode", "globalpose", "jawpose", "cam") + (("detailcode",) if detail else ())
+        self.outputs = ("verts", "predicted_landmarks2d_flame_space") + (
+            ("displacement_map", "uv_detail_normals") if detail else ())
+
+    def forward(self, *codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        geometry = self.model.decode(dict(zip(self.inputs, codes)))
+        return tuple(geometry[k] for k in self.outputs)
 
 
 class _EngineModule(torch.nn.Module):

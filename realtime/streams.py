@@ -14,6 +14,7 @@ On the CPU (or outside ``with fork:``) a branch is a plain call, so results are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import numpy as np
@@ -31,8 +32,9 @@ class StreamFork:
         self._caller: Optional["torch.cuda.Stream"] = None
         self._used: list["torch.cuda.Stream"] = []
 
-    def branch(self, module: nn.Module) -> "StreamBranch":
-        """``module`` behind a wrapper that, inside ``with self:``, runs it on a stream of its own."""
+    def branch(self, module: Callable) -> "StreamBranch":
+        """``module`` (a network, an engine: any callable) behind a wrapper that, inside ``with self:``, runs it on
+        a stream of its own."""
         stream = torch.cuda.Stream(self.device) if self.enabled else None
         return StreamBranch(module, self, stream)
 
@@ -53,7 +55,7 @@ class StreamFork:
             self._caller = None
             self._active = False
 
-    def _launch(self, stream: "torch.cuda.Stream", module: nn.Module, inputs: tuple) -> object:
+    def _launch(self, stream: "torch.cuda.Stream", module: Callable, inputs: tuple) -> object:
         """Run ``module`` on ``stream`` after the caller's queued work (which wrote the inputs)."""
         stream.wait_stream(self._caller)
         for x in inputs:
@@ -72,7 +74,7 @@ class StreamFork:
 class StreamBranch(nn.Module):
     """A module that runs on its fork's side stream while the fork is open, else like the module itself."""
 
-    def __init__(self, module: nn.Module, fork: StreamFork, stream: Optional["torch.cuda.Stream"]):
+    def __init__(self, module: Callable, fork: StreamFork, stream: Optional["torch.cuda.Stream"]):
         super().__init__()
         self.module = module
         self._fork = fork

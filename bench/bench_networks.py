@@ -4,7 +4,10 @@
     .venv/bin/python bench/bench_networks.py [--batch 1,4,16,64] [--assets_dir assets] [--engines_dir engines]
 
 Rows: MICA, DECA, expression, FLAME, "coarse total" (all four in sequence) and "coarse, identity cached"
-(without MICA, as when a track's shape code is reused). Columns: eager fp32 PyTorch (the baseline, always
+(without MICA, as when a track's shape code is reused); on a GPU also both totals with the image networks on
+their own CUDA streams (realtime.streams, as the pipeline runs them), whose speedup is against the sequential
+eager fp32 total. On a GPU the report also gives fp16's differences from fp32 (codes; landmarks in pixels of
+the 224 crop). Columns: eager fp32 PyTorch (the baseline, always
 measured in the same run) and whatever else this machine runs: PyTorch fp16 / CUDA graphs / torch.compile on a
 GPU, ONNX Runtime, and TensorRT engines found valid in --engines_dir. "speedup" is baseline ms / ms for the
 same row and batch. Without --assets_dir the weights are random (tests/synthetic_checkpoints.py, written to a
@@ -35,6 +38,7 @@ sys.path.insert(0, str(REPO))
 from realtime import engines as E  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
 from realtime.models import load_model  # noqa: E402
+from realtime.streams import StreamFork  # noqa: E402
 
 MODEL = "EMICA-CVT_flame2020_notexture"
 ROWS = {
@@ -44,6 +48,11 @@ ROWS = {
     "flame": ("flame",),
     "coarse total": E.COARSE_NETWORKS,
     "coarse, identity cached": ("deca", "expression", "flame"),
+}
+# GPU only: (networks run concurrently, each on its own stream; then this one) and the sequential row compared to.
+STREAM_ROWS = {
+    "coarse total, streams": (("mica", "deca", "expression"), "flame", "coarse total"),
+    "coarse, identity cached, streams": (("deca", "expression"), "flame", "coarse, identity cached"),
 }
 
 
@@ -150,6 +159,8 @@ def bench_variant(variant: Variant, networks: dict[str, E.Network], device: torc
                   batches: tuple[int, ...], warmup: int, repeat: int) -> dict[tuple[str, int], float]:
     """ms per batch for every (row, batch) of one variant."""
     engines = {name: variant.make(net) for name, net in networks.items()}
+    fork = StreamFork(device)
+    branches = {name: fork.branch(engine) for name, engine in engines.items()}
     results = {}
     with torch.inference_mode():
         for batch in batches:
@@ -159,7 +170,45 @@ def bench_variant(variant: Variant, networks: dict[str, E.Network], device: torc
                     for n in parts:
                         engines[n](*inputs[n])
                 results[(row, batch)] = time_ms(run, device, warmup, repeat)
+            if not fork.enabled:
+                continue
+            for row, (concurrent, after, _) in STREAM_ROWS.items():
+                def run_forked(concurrent=concurrent, after=after):
+                    with fork:
+                        for n in concurrent:
+                            branches[n](*inputs[n])
+                    engines[after](*inputs[after])
+                results[(row, batch)] = time_ms(run_forked, device, warmup, repeat)
     return results
+
+
+def fp16_differences(model: torch.nn.Module, device: torch.device, batch: int = 8) -> dict:
+    """How far fp16 image networks (autocast, as TorchEngine runs them; FLAME stays fp32) move the outputs.
+
+    Returns, per code, the largest absolute difference and that relative to the code's fp32 spread (std over
+    the batch and its entries), and the 68 landmarks' largest and mean shift in pixels of the 224 crop.
+    """
+    model = copy.deepcopy(model).to(device).eval()
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(batch, 3, 224, 224, generator=generator).to(device)
+    arcface = (torch.rand(batch, 3, 112, 112, generator=generator) * 2 - 1).to(device)
+    outputs = {}
+    with torch.inference_mode():
+        for precision in ("fp32", "fp16"):
+            with torch.autocast(device.type, dtype=torch.float16, enabled=precision == "fp16"):
+                codes = model.encode(image, mica_image=arcface)
+            codes = {k: v.float() for k, v in codes.items()}
+            outputs[precision] = {**codes, **model.decode(codes)}
+    ref, half = outputs["fp32"], outputs["fp16"]
+    report: dict = {"batch": batch, "codes": {}}
+    for k in ("shapecode", "expcode", "globalpose", "jawpose", "cam", "texcode", "lightcode"):
+        if k in ref:
+            diff = (half[k] - ref[k]).abs().max().item()
+            spread = ref[k].std().item()
+            report["codes"][k] = {"max_abs": round(diff, 6), "relative_to_std": round(diff / spread, 6) if spread else None}
+    shift = (half["predicted_landmarks"] - ref["predicted_landmarks"]).norm(dim=-1) * 224 / 2  # [-1, 1] → pixels
+    report["landmarks_px_224"] = {"max": round(shift.max().item(), 4), "mean": round(shift.mean().item(), 4)}
+    return report
 
 
 def format_table(rows: list[dict]) -> str:
@@ -202,6 +251,7 @@ def main() -> int:
         model = load_model(MODEL, assets_dir=assets, device="cpu")
         networks = {n: net for n, net in E.model_networks(model).items() if n in E.COARSE_NETWORKS}
         weights = {n: E.module_sha256(net.module) for n, net in networks.items()}
+        fp16 = fp16_differences(model, device) if on_gpu else None
         engines_dir = Path(args.engines_dir) if args.engines_dir else None
         trt, notes = tensorrt_variants(engines_dir, available, weights, batches)
         variants = (torch_variants(device, batches, args.compile)
@@ -214,11 +264,13 @@ def main() -> int:
                 torch.cuda.empty_cache()
 
     baseline = measured[variants[0].label]
+    compared_to = {**{row: row for row in ROWS}, **{row: seq for row, (_, _, seq) in STREAM_ROWS.items()}}
     rows = [
         {"network": row, "variant": v.label, "backend": v.backend, "precision": v.precision, "batch": batch,
          "ms": round(ms, 3), "faces_per_s": round(batch / ms * 1000, 2),
-         "speedup": round(baseline[(row, batch)] / ms, 3)}
-        for row in ROWS for batch in batches for v in variants
+         "speedup": round(baseline[(compared_to[row], batch)] / ms, 3)}
+        for row in compared_to for batch in batches for v in variants
+        if (row, batch) in measured[v.label]
         for ms in [measured[v.label][(row, batch)]]
     ]
     name = device_name(device)
@@ -238,12 +290,16 @@ def main() -> int:
         "baseline": variants[0].label,
         "notes": notes,
         "rows": rows,
+        "fp16_vs_fp32": fp16,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     out = Path(args.out) if args.out else REPO / "bench" / "results" / f"networks_{E.slug(name)}.json"
     save_json(out, report)
     print(f"{MODEL} coarse networks on {name} ({report['weights']} weights)")
     print(format_table(rows))
+    if fp16 is not None:
+        print(f"fp16 vs fp32 (batch {fp16['batch']}): landmarks max {fp16['landmarks_px_224']['max']} px, "
+              f"mean {fp16['landmarks_px_224']['mean']} px on the 224 crop; codes {fp16['codes']}")
     for note in notes:
         print(note)
     print(f"wrote {out}")

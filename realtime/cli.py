@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--engines_dir", default="engines", help="where build_engines.py put the ONNX exports / TensorRT engines")
     md.add_argument("--precision", choices=PRECISIONS, default="fp32", help="inference precision")
     md.add_argument("--batch_size", type=int, default=4, help="faces per inference batch (files fill batches; live never waits)")
-    md.add_argument("--num_workers", type=int, default=4,
-                    help="tracker processes for video files, used only where cores are to spare (one per 4 cores); each "
-                         "process re-detects the face at the start of its chunk: 1 gives single-tracker results everywhere")
+    md.add_argument("--num_workers", type=int, default=None,
+                    help="tracker processes for video files (default: all cores but a quarter, at least 2, left for the "
+                         "rest of the pipeline; at most the core count); each process re-detects the face at the start of "
+                         "its chunk: 1 gives single-tracker results everywhere")
     _bool_flag(md, "identity_cache", True, "run MICA once per track and reuse the shape code (false: every frame, as inferno)")
 
     vz = p.add_argument_group("video panels (inferno's reconstruction video)")

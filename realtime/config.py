@@ -88,7 +88,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     compose: ComposeConfig = field(default_factory=ComposeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    num_workers: int = 4
+    num_workers: Optional[int] = None  # tracker processes for files; None: tracker_workers() picks
     max_frames: Optional[int] = None
     stats: bool = False
     progress: bool = True
@@ -118,7 +118,7 @@ class RunConfig:
             c.include_original or c.include_rec or c.include_transparent,
             "--include_original, --include_rec and --include_transparent are all off: turn at least one panel on",
         )
-        _require(self.num_workers >= 1, f"--num_workers must be at least 1 (got {self.num_workers})")
+        _require(self.num_workers is None or self.num_workers >= 1, f"--num_workers must be at least 1 (got {self.num_workers})")
         _require(self.max_frames is None or self.max_frames >= 1, f"--max_frames must be at least 1 (got {self.max_frames})")
         _require(not (o.resume and o.smoothing == "lookahead"),
                  "--resume cannot continue a --smoothing lookahead run exactly (its first frames would lack the earlier "

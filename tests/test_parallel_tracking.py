@@ -221,3 +221,13 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path, carphone_path):
         ParallelTracker(carphone_path, model_path=tmp_path / "nowhere.task")
     with pytest.raises(UserError):  # a bad tracker setting fails here, before any worker starts
         ParallelTracker(carphone_path, num_faces=0)
+
+
+@pytest.mark.parametrize("requested, cores, workers", [
+    (None, 2, 1), (None, 4, 2), (None, 8, 6), (None, 16, 12), (None, 64, 48),  # default: cores left for the rest
+    (1, 16, 1), (16, 16, 16), (32, 16, 16), (2, 2, 2),  # asked for: kept, up to the core count
+])
+def test_tracker_processes_per_machine(requested, cores, workers):
+    from realtime.runner import tracker_workers
+
+    assert tracker_workers(requested, cores) == workers

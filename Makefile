@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) bench/bench_pipeline.py
+	$(PY) bench/bench_all.py
 
 clean:
 	rm -rf $(VENV) video_output image_output .pytest_cache

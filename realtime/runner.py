@@ -303,12 +303,14 @@ def run(cfg: RunConfig) -> RunSummary:
             try:
                 sink.close()
             except Exception as err:  # noqa: BLE001 - close the rest first, then report it
-                log.error("closing %s failed: %s", type(sink).__name__, err)
+                log.error("closing %s failed: %s", getattr(sink, "name", type(sink).__name__), err)
                 if result.error is None:
                     result.error = err  # an output that could not be finalised makes the run fail
         source.close()
         if resume is not None and feed is not None:
-            resume.finish(frames=result.frames_out, complete=feed.exhausted and result.error is None)
+            # Only what every output holds counts as done: a background sink may have failed on a delivered frame.
+            written = min([result.frames_out] + [s.written for s in sinks if hasattr(s, "written")])
+            resume.finish(frames=written, complete=feed.exhausted and result.error is None)
         if outputs.get("video") is not None and outputs["video"].is_file() and result.error is None:
             run_logger.log_video(outputs["video"])
         run_logger.finish(exit_code=0 if result.error is None else 1)
@@ -372,6 +374,7 @@ def _make_folder(folder: Path) -> None:
 def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: str, resume: Optional["_Resume"],
                  microphone: bool) -> list:
     from .compose import ComposeOptions, panel_shape
+    from .sinks.background import BackgroundSink
 
     o, sinks = cfg.output, []
     if "folder" in outputs and (o.save_images or o.save_codes or o.save_mesh):
@@ -381,7 +384,7 @@ def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: s
                                      save_mesh=o.save_mesh, render_crop=lambda rec: rec.crop_image)
         if resume is not None and resume.frames_done:
             frame_outputs.resume(resume.frames_done)
-        sinks.append(frame_outputs)
+        sinks.append(BackgroundSink(frame_outputs, name="per-frame outputs"))
     if "video" in outputs:
         from .sinks.recorder import Recorder
 
@@ -397,8 +400,9 @@ def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: s
             audio_rate, channels = None, None
         path = resume.recording_path if resume is not None and not o.record else outputs["video"]
         # "auto": h264_nvenc where an NVIDIA GPU is usable (encoding off the CPU), else libx264.
-        sinks.append(Recorder(path, fps=source.fps or 30.0, width=pw, height=ph,
-                              audio_rate=audio_rate, audio_channels=channels, codec="auto"))
+        recorder = Recorder(path, fps=source.fps or 30.0, width=pw, height=ph,
+                            audio_rate=audio_rate, audio_channels=channels, codec="auto")
+        sinks.append(BackgroundSink(recorder, name=f"recorder ({path.name})"))
     if o.show:
         from .sinks.window import WindowSink
 

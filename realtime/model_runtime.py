@@ -13,6 +13,7 @@ detector; same template and similarity fit, bilinear warp). MICA's identity then
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -30,6 +31,19 @@ log = logging.getLogger("realtime")
 MODEL_IMAGE_SIZE = 224  # the encoders' AvgPool2d(7) fixes it
 CODE_KEYS = ("shapecode", "expcode", "texcode", "jawpose", "globalpose", "cam", "lightcode", "detailcode")
 SMOOTHED_KEYS = ("globalpose", "jawpose", "cam", "expcode")  # identity is cached instead; light/tex need none
+
+
+@dataclass
+class CropInputs:
+    """One frame's network inputs, cut by ``ModelReconstructor.prepare``.
+
+    ``image``: (F, 3, 224, 224) float in [0, 1]; ``arcface``: (F, 3, 112, 112) in [−1, 1] or None when the model
+    has no MICA; on the model's device. ``ready``: on a GPU, the CUDA event after which they are written.
+    """
+
+    image: torch.Tensor
+    arcface: Optional[torch.Tensor]
+    ready: Optional["torch.cuda.Event"] = None
 
 
 class ModelReconstructor:
@@ -64,6 +78,7 @@ class ModelReconstructor:
         self.uvcoords, self.uvfaces = _uv_topology(self.model)
         # On a GPU the crops are cut there, batched; on the CPU OpenCV per face is faster (bench/bench_preprocess.py).
         self.uploader = FrameUploader(self.device) if self.device.type == "cuda" else None
+        self._crop_stream = None  # prepare()'s CUDA stream, made in its thread's first call
         # FLAME (and the detail decoder) are hundreds of small kernels per batch: on a GPU, one CUDA graph.
         self.decoder = None
         if self.device.type == "cuda":
@@ -94,6 +109,50 @@ class ModelReconstructor:
         return dict(zip(net.outputs, self.decoder(*(codes[k] for k in net.inputs))))
 
     # -- inputs ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prepare(self, result: FrameResult) -> None:
+        """Cut one frame's crops ahead of ``reconstruct`` (the pipeline's crop stage, on a thread of its own).
+
+        On a GPU the frame is uploaded and cropped on a CUDA stream of this stage, so the copies and
+        ``grid_sample`` of frame k+1 overlap the networks on frame k; ``reconstruct`` waits for its event.
+        """
+        if not result.faces:
+            return
+        items = [(result, f) for f in result.faces]
+        every = list(range(len(items))) if self.is_emica else []
+        if self.uploader is None:
+            result.model_inputs = CropInputs(*self._inputs(items, every))
+            return
+        if self._crop_stream is None:
+            self._crop_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._crop_stream):
+            image, arcface = self._device_inputs(items, every)
+            ready = torch.cuda.Event()
+            ready.record(self._crop_stream)
+        result.model_inputs = CropInputs(image, arcface, ready)
+
+    def _prepared(self, batch: list[FrameResult], need: list[int]) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """The batch's inputs from ``prepare`` (faces in batch order, ArcFace rows ``need``); None where a frame
+        with faces has none (``reconstruct`` called without the crop stage)."""
+        with_faces = [r for r in batch if r.faces]
+        inputs = [r.model_inputs for r in with_faces]
+        if any(not isinstance(x, CropInputs) or len(x.image) != len(r.faces) for x, r in zip(inputs, with_faces)):
+            return None
+        if self.uploader is not None:
+            current = torch.cuda.current_stream(self.device)
+            for x in inputs:
+                current.wait_event(x.ready)
+                for t in (x.image, x.arcface):
+                    if t is not None:
+                        t.record_stream(current)  # made on the crop stream, used (and freed) on this one
+        image = torch.cat([x.image for x in inputs]) if len(inputs) > 1 else inputs[0].image
+        if not need:
+            return image, None
+        arcface = torch.cat([x.arcface for x in inputs]) if len(inputs) > 1 else inputs[0].arcface
+        if len(need) < len(arcface):
+            arcface = arcface[torch.as_tensor(need, device=arcface.device)]
+        return image, arcface
+
     def _inputs(self, items: list[tuple[FrameResult, Face]], need_mica: list[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.uploader is not None:
             return self._device_inputs(items, need_mica)
@@ -139,7 +198,7 @@ class ModelReconstructor:
         for r in batch:
             r.reconstructions = []
         if items:
-            self._run(items)
+            self._run(items, batch)
         # Only after the whole batch: an id retired at one frame may still have faces in the batch's earlier
         # frames (never in later ones: ids are not reused), and frames with no faces retire tracks too.
         self._retire([tid for r in batch for tid in r.retired_tracks])
@@ -153,13 +212,16 @@ class ModelReconstructor:
                 self.smoother.reset(track_id)
 
     @torch.inference_mode()
-    def _run(self, items: list[tuple[FrameResult, Face]]) -> None:
+    def _run(self, items: list[tuple[FrameResult, Face]], batch: list[FrameResult]) -> None:
         cache = self.identity if self.is_emica else None
         if cache is None:
             need = list(range(len(items))) if self.is_emica else []
         else:
             need = [i for i, (_, f) in enumerate(items) if cache.needs_code(f.track_id) or cache.get(f.track_id) is None]
-        image, mica = self._inputs(items, need)
+        prepared = self._prepared(batch, need)
+        image, mica = prepared if prepared is not None else self._inputs(items, need)
+        for r in batch:
+            r.model_inputs = None  # the crops are not needed past this stage
         with self.fork:  # MICA first: on a GPU it then runs while the ResNets are queued
             fresh = self.model.encode_identity(mica) if need else None
             codes = self.model.encode_frame(image) if self.is_emica else self.model.encode(image)

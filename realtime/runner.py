@@ -71,6 +71,26 @@ class TrackStage:
             self.parallel.close()
 
 
+class CropStage:
+    """The model's input crops, cut one frame ahead of the model stage (see ``ModelReconstructor.prepare``)."""
+
+    name = "crop"
+
+    def __init__(self, reconstructor):
+        self.reconstructor = reconstructor
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, batch: list[FrameResult]) -> None:
+        for r in batch:
+            if not r.replay:
+                self.reconstructor.prepare(r)
+
+    def teardown(self) -> None:
+        pass
+
+
 class ReconstructStage:
     name = "model"
     batched = True
@@ -261,8 +281,9 @@ def run(cfg: RunConfig) -> RunSummary:
                                        num_faces=t.num_faces, scale=t.scale, image_size=t.image_size,
                                        device=t.device, min_confidence=t.min_confidence, mode=track_mode)
         panels = "video" in outputs or o.show or bool(o.webrtc)  # the sinks that show the composed panels
-        stages = [TrackStage(cfg, track_mode, parallel, assign_tracks=not is_folder), ReconstructStage(reconstructor),
-                  RenderStage(cfg, crops=o.save_images and not live, panels=panels)]
+        stages = [TrackStage(cfg, track_mode, parallel, assign_tracks=not is_folder),
+                  *([CropStage(reconstructor)] if hasattr(reconstructor, "prepare") else []),
+                  ReconstructStage(reconstructor), RenderStage(cfg, crops=o.save_images and not live, panels=panels)]
         progress = _progress_bar(cfg, source, live)
         window = next((s for s in sinks if hasattr(s, "should_quit")), None)
         delivered = 0

@@ -102,3 +102,6 @@ class FrameResult:
     # frame so the model stage frees their per-track state (identity codes, smoothing filters) once it has
     # processed the frame's faces, in stream order, without calling back up the pipeline.
     retired_tracks: tuple[int, ...] = ()
+    # The model's input crops for `faces`, cut ahead of the model stage by its crop stage (on a GPU: already
+    # on the device), so cropping frame k+1 overlaps inference on frame k. Opaque here: see realtime.model_runtime.
+    model_inputs: Optional[object] = None

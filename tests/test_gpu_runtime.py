@@ -84,6 +84,49 @@ def test_decode_network_gives_what_decode_gives(synthetic_assets, name, mode):
         torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-4 if k == "uv_detail_normals" else 1e-6)
 
 
+def _frames_with_faces(n: int = 4) -> list:
+    """`n` frames of one image: two tracked faces, except frame 1, which has none."""
+    from realtime.types import Frame, FrameResult
+
+    image = np.random.default_rng(3).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    faces = [face_at(200.0, 220.0, 160.0, track_id=1), face_at(430.0, 260.0, 120.0, track_id=2)]
+    return [FrameResult(frame=Frame(index=i, pts=i / 30, image=image), faces=[] if i == 1 else list(faces))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not HAS_CUDA, reason="needs CUDA")])])
+@pytest.mark.parametrize("identity_cache", [False, True])
+def test_crops_cut_ahead_give_the_same_reconstructions(synthetic_assets, tmp_path, device, identity_cache):
+    """The crop stage (prepare, on another thread) feeds the model exactly what it would have cut itself."""
+    import threading
+
+    from realtime.model_runtime import ModelReconstructor
+
+    def run(ahead: bool) -> list:
+        cfg = RunConfig(model=ModelConfig(assets_dir=str(synthetic_assets), device=device, backend="torch",
+                                          engines_dir=str(tmp_path), batch_size=4))
+        model = ModelReconstructor(cfg, identity_cache=identity_cache)
+        results = _frames_with_faces()
+        if ahead:
+            worker = threading.Thread(target=lambda: [model.prepare(r) for r in results])
+            worker.start()
+            worker.join()
+            assert results[1].model_inputs is None and results[0].model_inputs.image.shape == (2, 3, 224, 224)
+        model.reconstruct(results[:3])  # one batch of 4 faces over 3 frames (one without faces) ...
+        model.reconstruct(results[3:])  # ... then one frame, so the cache sees a second batch
+        assert all(r.model_inputs is None for r in results)  # freed once used
+        return [rec for r in results for rec in r.reconstructions]
+
+    plain, ahead = run(False), run(True)
+    assert len(plain) == len(ahead) == 6
+    tol = {"rtol": 0, "atol": 0} if device == "cpu" else {"rtol": 1e-5, "atol": 1e-6}  # cuDNN may pick per instance
+    for a, b in zip(plain, ahead):
+        np.testing.assert_allclose(b.vertices, a.vertices, **tol)
+        for k in a.codes:
+            np.testing.assert_allclose(b.codes[k], a.codes[k], **tol, err_msg=k)
+
+
 # ---------------------------------------------------------------------------------------------- GPU only
 
 

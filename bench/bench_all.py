@@ -24,8 +24,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -37,7 +35,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.bench_networks import device_name  # noqa: E402 - one naming for the device in every report
 from realtime.atomic import save_json  # noqa: E402
+from realtime.engines import slug  # noqa: E402
 
 EMICA = "EMICA-CVT_flame2020_notexture"
 MODELS = ("mediapipe", EMICA)
@@ -45,25 +45,6 @@ PARTS = ("networks", "pipeline", "live")
 FILE_SIZE, LIVE_SIZE = "854x480", "1280x720"
 TARGETS = {"file_fps_480p": 500.0, "live_p50_ms_720p": 10.0, "live_p99_ms_720p": 20.0}
 NETWORK_ROWS = ("coarse total", "coarse, identity cached", "coarse total, streams", "coarse, identity cached, streams")
-
-
-def device_name(device: torch.device) -> str:
-    """As bench_networks names it: the GPU, or the CPU model and core count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores (CPU)"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.")
 
 
 class Plan:

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "rest of the pipeline; at most the core count); each process re-detects the face at the start of "
                          "its chunk: 1 gives single-tracker results everywhere")
     _bool_flag(md, "identity_cache", True, "run MICA once per track and reuse the shape code (false: every frame, as inferno)")
+    md.add_argument("--identity_refresh", type=int, default=0,
+                    help="with the identity cache: measure each track's identity afresh after this many frames, e.g. "
+                         "for long live sessions whose first frames were poor (0: never; the shape then stays constant)")
 
     vz = p.add_argument_group("video panels (inferno's reconstruction video)")
     vz.add_argument("--image_type", choices=IMAGE_TYPES, default="geometry", help="what the reconstruction panel shows")
@@ -154,7 +157,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     m.path_to_models, m.assets_dir, m.mode, m.detail_model = args.path_to_models, args.assets_dir, args.mode, args.detail_model
     m.device, m.backend, m.precision, m.batch_size = args.device, args.backend, args.precision, args.batch_size
     m.engines_dir = args.engines_dir
-    m.identity_cache = args.identity_cache
+    m.identity_cache, m.identity_refresh = args.identity_cache, args.identity_refresh
     c = cfg.compose
     c.include_original, c.include_rec, c.include_transparent = args.include_original, args.include_rec, args.include_transparent
     c.black_background, c.use_mask, c.cat_dim, c.image_type = args.black_background, args.use_mask, args.cat_dim, args.image_type

@@ -45,6 +45,7 @@ class ModelConfig:
     precision: str = "fp32"
     batch_size: int = 4
     identity_cache: bool = True  # run MICA once per track, not every frame
+    identity_refresh: int = 0  # with the cache: re-measure a track's identity after this many frames (0: never)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class RunConfig:
         _require(m.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)} (got {m.backend!r})")
         _require(m.precision in PRECISIONS, f"--precision must be fp16 or fp32 (got {m.precision!r})")
         _require(m.batch_size >= 1, f"--batch_size must be at least 1 (got {m.batch_size})")
+        _require(m.identity_refresh >= 0, f"--identity_refresh must be 0 (never) or a number of frames (got {m.identity_refresh})")
         _require(re.fullmatch(r"cpu|cuda(:\d+)?", m.device) is not None, f"--device must be cpu or cuda:N (got {m.device!r})")
         _require(c.cat_dim in (0, 1), f"--cat_dim must be 0 (vertical) or 1 (horizontal) (got {c.cat_dim})")
         _require(c.image_type in IMAGE_TYPES, f"--image_type must be one of {', '.join(IMAGE_TYPES)} (got {c.image_type!r})")

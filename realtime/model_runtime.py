@@ -74,7 +74,7 @@ class ModelReconstructor:
         if use_cache:
             from .tracks import IdentityCache
 
-            self.identity = IdentityCache(frames=5)
+            self.identity = IdentityCache(frames=5, refresh_every=m.identity_refresh or None)
         self.uvcoords, self.uvfaces = _uv_topology(self.model)
         # On a GPU the crops are cut there, batched; on the CPU OpenCV per face is faster (bench/bench_preprocess.py).
         self.uploader = FrameUploader(self.device) if self.device.type == "cuda" else None
@@ -217,7 +217,7 @@ class ModelReconstructor:
         if cache is None:
             need = list(range(len(items))) if self.is_emica else []
         else:
-            need = [i for i, (_, f) in enumerate(items) if cache.needs_code(f.track_id) or cache.get(f.track_id) is None]
+            need = [i for i, (_, f) in enumerate(items) if cache.needs_code(f.track_id)]  # unknown tracks too
         prepared = self._prepared(batch, need)
         image, mica = prepared if prepared is not None else self._inputs(items, need)
         for r in batch:

@@ -178,3 +178,21 @@ def test_gpu_reconstructor_matches_the_cpu_one(synthetic_assets, tmp_path, ident
         # Loose enough for unrounded GPU crops and TF32 convolutions; a race or a wrong row is far outside.
         np.testing.assert_allclose(b.vertices, a.vertices, atol=2e-3)  # metres
         np.testing.assert_allclose(b.landmarks, a.landmarks, atol=0.5)  # pixels
+
+
+def test_identity_refresh_runs_mica_again_on_schedule(synthetic_assets, tmp_path, monkeypatch):
+    """--identity_refresh N: MICA for a track's first 5 frames, then not, then 5 fresh frames after N."""
+    from realtime.model_runtime import ModelReconstructor
+
+    cfg = RunConfig(model=ModelConfig(assets_dir=str(synthetic_assets), device="cpu", backend="torch",
+                                      engines_dir=str(tmp_path), identity_refresh=6))
+    model = ModelReconstructor(cfg, identity_cache=True)
+    measured = []
+    encode_identity = model.model.encode_identity
+    monkeypatch.setattr(model.model, "encode_identity", lambda x: (measured.append(frame), encode_identity(x))[1])
+    results = _frames_with_faces(20)
+    for frame, r in enumerate(results):
+        r.faces = r.faces[:1]
+        model.reconstruct([r])
+    assert measured == [0, 2, 3, 4, 5, 12, 13, 14, 15, 16]  # frame 1 has no face; 6 frames on the frozen code
+    assert [len(r.reconstructions) for r in results] == [len(r.faces) for r in results]

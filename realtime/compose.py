@@ -112,16 +112,23 @@ def draw_box(
             image[r0 : r1 + 1, c0 : c1 + 1] = color
 
 
-def _overlay(out: np.ndarray, base: np.ndarray, rendered: np.ndarray, alpha: np.ndarray) -> None:
-    """Write ``base`` with ``rendered`` pasted through ``alpha`` into ``out`` (all (H, W[, 3]))."""
-    out[...] = base
-    rows = np.flatnonzero(alpha.any(axis=1))
+def _mask_window(mask: np.ndarray) -> Optional[tuple[slice, slice]]:
+    """The bounding box of ``mask``'s non-zero pixels (None when empty): only there do the overlays differ
+    from the background, and a face covers a small part of a large frame."""
+    rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
-        return
-    cols = np.flatnonzero(alpha.any(axis=0))
-    # Only the mask's bounding box changes: a face covers a small part of a large frame.
-    win = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    out[win] = paste_blend(base[win], rendered[win], alpha[win])
+        return None
+    cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def _overlay(out: np.ndarray, base: np.ndarray, rendered: np.ndarray, alpha: np.ndarray,
+             win: Optional[tuple[slice, slice]]) -> None:
+    """Write ``base`` with ``rendered`` pasted through ``alpha`` into ``out`` ((H, W, 3)); ``alpha`` covers only
+    the window ``win`` (zero outside it)."""
+    out[...] = base
+    if win is not None:
+        out[win] = paste_blend(base[win], rendered[win], alpha)
 
 
 def compose(
@@ -156,6 +163,7 @@ def compose(
         return out[i * height : (i + 1) * height] if vertical else out[:, i * width : (i + 1) * width]
 
     base = np.zeros_like(frame) if opts.black_background else frame
+    win = _mask_window(mask) if opts.use_mask else (slice(0, height), slice(0, width))
     i = 0
     if opts.include_original:
         original = panel(i)
@@ -165,15 +173,16 @@ def compose(
         i += 1
     if opts.include_rec:
         if opts.use_mask:
-            _overlay(panel(i), base, rendered, mask)
+            _overlay(panel(i), base, rendered, mask[win] if win else None, win)
         else:  # alpha 255 everywhere: PIL's paste then copies the render exactly
             panel(i)[...] = rendered
         i += 1
     if opts.include_transparent:
-        if opts.use_mask:
+        alpha = None
+        if win is not None and opts.use_mask:
             # inferno scales a [0, 1] mask by 196 and truncates; ours is 0/255, so 255 → 196.
-            alpha = ((mask.astype(np.uint16) * TRANSPARENT_OPACITY) // 255).astype(np.uint8)
-        else:
+            alpha = ((mask[win].astype(np.uint16) * TRANSPARENT_OPACITY) // 255).astype(np.uint8)
+        elif win is not None:
             alpha = np.full(mask.shape, TRANSPARENT_OPACITY, dtype=np.uint8)
-        _overlay(panel(i), base, rendered, alpha)
+        _overlay(panel(i), base, rendered, alpha, win)
     return out

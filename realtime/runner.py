@@ -114,10 +114,9 @@ class ReconstructStage:
 class RenderStage:
     name = "render"
 
-    def __init__(self, cfg: RunConfig, crops: bool, panels: bool = True):
+    def __init__(self, cfg: RunConfig, crops: bool):
         self.cfg = cfg
         self.crops = crops  # also render inferno's per-face geometry.png crop
-        self.panels = panels  # compose the output panels (only video/window/WebRTC sinks show them)
         self.renderer = None
 
     def setup(self) -> None:
@@ -126,30 +125,46 @@ class RenderStage:
         self.renderer = Renderer()  # the GL context belongs to this thread
 
     def process(self, batch: list[FrameResult]) -> None:
-        from .compose import ComposeOptions, compose
-
-        c = self.cfg.compose
-        opts = ComposeOptions(include_original=c.include_original, include_rec=c.include_rec,
-                              include_transparent=c.include_transparent, black_background=c.black_background,
-                              use_mask=c.use_mask, cat_dim=c.cat_dim)
         for result in batch:
             if result.replay:
                 continue
             h, w = result.frame.image.shape[:2]
-            t0 = time.perf_counter()
-            result.rendered, result.mask = self.renderer.render(h, w, result.reconstructions, image_type=c.image_type)
+            result.rendered, result.mask = self.renderer.render(h, w, result.reconstructions,
+                                                                image_type=self.cfg.compose.image_type)
             if self.crops:
                 for rec in result.reconstructions:
                     rec.crop_image = self.renderer.render_crop(rec, image_size=self.cfg.tracking.image_size)
-            t1 = time.perf_counter()
-            if self.panels:
-                result.composite = compose(result.frame.image, result.rendered, result.mask, result.faces, opts)
-            result.timings["render"] = (t1 - t0) * 1000.0
-            result.timings["compose"] = (time.perf_counter() - t1) * 1000.0
 
     def teardown(self) -> None:
         if self.renderer is not None:
             self.renderer.close()
+
+
+class ComposeStage:
+    """The output panels, on a thread of its own so that composing frame k overlaps rendering frame k+1."""
+
+    name = "compose"
+
+    def __init__(self, cfg: RunConfig):
+        from .compose import ComposeOptions
+
+        c = cfg.compose
+        self.opts = ComposeOptions(include_original=c.include_original, include_rec=c.include_rec,
+                                   include_transparent=c.include_transparent, black_background=c.black_background,
+                                   use_mask=c.use_mask, cat_dim=c.cat_dim)
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, batch: list[FrameResult]) -> None:
+        from .compose import compose
+
+        for result in batch:
+            if not result.replay:
+                result.composite = compose(result.frame.image, result.rendered, result.mask, result.faces, self.opts)
+
+    def teardown(self) -> None:
+        pass
 
 
 # -- sources ----------------------------------------------------------------------------------
@@ -283,7 +298,8 @@ def run(cfg: RunConfig) -> RunSummary:
         panels = "video" in outputs or o.show or bool(o.webrtc)  # the sinks that show the composed panels
         stages = [TrackStage(cfg, track_mode, parallel, assign_tracks=not is_folder),
                   *([CropStage(reconstructor)] if hasattr(reconstructor, "prepare") else []),
-                  ReconstructStage(reconstructor), RenderStage(cfg, crops=o.save_images and not live, panels=panels)]
+                  ReconstructStage(reconstructor), RenderStage(cfg, crops=o.save_images and not live),
+                  *([ComposeStage(cfg)] if panels else [])]
         progress = _progress_bar(cfg, source, live)
         window = next((s for s in sinks if hasattr(s, "should_quit")), None)
         delivered = 0
@@ -352,15 +368,16 @@ def run(cfg: RunConfig) -> RunSummary:
 
 
 def _lookahead_pipeline(feed: FrameFeed, stages: list, reconstructor, fps: float, batch_size: int, deliver):
-    """track → model → look-ahead smoothing (held back K frames) → render → sinks, for `--smoothing lookahead`."""
+    """track → model → look-ahead smoothing (held back K frames) → render → compose → sinks, for
+    `--smoothing lookahead`."""
     from .lookahead import LookaheadPipeline, LookaheadSmoother, lookahead_frames
     from .smoothing import ParamSmoother
 
     params = ParamSmoother("default")
     k = lookahead_frames(params, fps)
     log.info("look-ahead smoothing: output held back %d frames (%.2f s)", k, k / fps)
-    upstream = [s for s in stages if not isinstance(s, RenderStage)]
-    downstream = [s for s in stages if isinstance(s, RenderStage)]
+    upstream = [s for s in stages if not isinstance(s, (RenderStage, ComposeStage))]
+    downstream = [s for s in stages if isinstance(s, (RenderStage, ComposeStage))]
     return LookaheadPipeline(feed, upstream, downstream, LookaheadSmoother(reconstructor, params, k),
                              batch_size=batch_size, on_result=deliver)
 

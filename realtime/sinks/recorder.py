@@ -271,6 +271,10 @@ class Recorder(Sink):
         else:
             options = {"crf": str(crf), "preset": preset, "bf": "0"}
         stream = self._container.add_stream(self.codec_name, rate=self.fps, options=options)
+        if self.codec_name == "libx264":
+            # x264's frame threads, not PyAV's default slice threads: 19% more frames/s on 2 cores at 2562x480,
+            # for a few frames of delay, which the recorder's own thread hides (realtime.sinks.background).
+            stream.codec_context.thread_type = "FRAME"
         stream.width = self.width + self.width % 2
         stream.height = self.height + self.height % 2
         stream.pix_fmt = pix_fmt

@@ -196,3 +196,25 @@ def test_identity_refresh_runs_mica_again_on_schedule(synthetic_assets, tmp_path
         model.reconstruct([r])
     assert measured == [0, 2, 3, 4, 5, 12, 13, 14, 15, 16]  # frame 1 has no face; 6 frames on the frozen code
     assert [len(r.reconstructions) for r in results] == [len(r.faces) for r in results]
+
+
+def test_cached_identity_equals_per_frame_mica_on_the_same_image(synthetic_assets, tmp_path):
+    """The cache averages MICA's first codes and then reuses them: on a still image that is MICA's own code, so
+    the output equals running MICA on every frame (as inferno does), frame for frame."""
+    from realtime.model_runtime import ModelReconstructor
+
+    def run(identity_cache: bool) -> list:
+        cfg = RunConfig(model=ModelConfig(assets_dir=str(synthetic_assets), device="cpu", backend="torch",
+                                          engines_dir=str(tmp_path)))
+        model = ModelReconstructor(cfg, identity_cache=identity_cache)
+        results = [r for r in _frames_with_faces(9) if r.faces]
+        for r in results:
+            model.reconstruct([r])
+        return [rec for r in results for rec in r.reconstructions]
+
+    cached, per_frame = run(True), run(False)
+    assert len(cached) == len(per_frame) == 16
+    for a, b in zip(cached, per_frame):
+        np.testing.assert_array_equal(a.vertices, b.vertices)
+        for k in b.codes:
+            np.testing.assert_array_equal(a.codes[k], b.codes[k], err_msg=k)

@@ -465,6 +465,9 @@ def export_onnx(
         # here as-is and names dynamic axes reliably; its deprecation notice is not the user's concern.
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchScript-based ONNX export")
+        # Shape checks on non-batch dimensions (FLAME's code sizes) are constants of the export, as they should be;
+        # the ONNX check against PyTorch that follows every export is what guards the trace.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             module,
             tuple(example_inputs),

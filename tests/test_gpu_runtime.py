@@ -38,6 +38,56 @@ def test_fork_is_not_reentrant_and_reopens_after_an_error():
         pass
 
 
+def test_fork_protocol_with_recorded_streams(monkeypatch):
+    """The fork-join order on CUDA, checked here with stand-in streams that log what is asked of them: each branch
+    waits for the caller's queued work, runs on its own stream, and the caller waits for every branch used."""
+    import contextlib
+
+    log: list[tuple] = []
+
+    class Stream:
+        count = 0
+
+        def __init__(self, device=None, name=None):
+            if name is None:
+                Stream.count += 1
+            self.name = name or f"side{Stream.count}"
+
+        def wait_stream(self, other):
+            log.append(("wait", self.name, other.name))
+
+    caller = [Stream(name="caller")]
+
+    @contextlib.contextmanager
+    def on(stream):
+        caller.append(stream)
+        yield
+        caller.pop()
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on)
+
+    def network(name):
+        return lambda x: log.append(("run", name, caller[-1].name)) or x + 1
+
+    fork = StreamFork("cuda")
+    mica, deca, unused = (fork.branch(network(n)) for n in ("mica", "deca", "unused"))
+    x = torch.zeros(2)
+    with fork:
+        mica(x)
+        deca(x)
+        deca(x)
+    assert log == [
+        ("wait", "side1", "caller"), ("run", "mica", "side1"),
+        ("wait", "side2", "caller"), ("run", "deca", "side2"),
+        ("wait", "side2", "caller"), ("run", "deca", "side2"),
+        ("wait", "caller", "side1"), ("wait", "caller", "side2"),  # joined once each; the unused branch not at all
+    ]
+    log.clear()
+    assert torch.equal(mica(x), x + 1) and log == [("run", "mica", "caller")]  # outside the fork: a plain call
+
+
 def test_to_host_gives_float32_arrays_by_name():
     half = torch.tensor([[1.5, -2.0]], dtype=torch.float16)
     strided = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4).permute(0, 2, 1)

@@ -256,7 +256,8 @@ class TorchEngine(Engine):
                 self._eager(static_inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the pipeline's other threads (the crop stage's uploads) may use CUDA during a capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             static_outputs = self._eager(static_inputs)
         log.debug("engine %s: captured a CUDA graph for batch %d", self.name, size)
         return _CapturedGraph(graph, static_inputs, static_outputs)

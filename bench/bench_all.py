@@ -92,6 +92,8 @@ def pipeline_cmd(model: str, size: str, loop: int, live: bool, plan: Plan, args,
             cmd += ["--engines_dir", args.engines_dir]
         if args.batch_size:
             cmd += ["--batch_size", str(args.batch_size)]
+        if args.compile:
+            cmd += ["--compile", "true"]
     if live:
         cmd += ["--realtime", "true"]
         if args.device.startswith("cuda"):
@@ -197,7 +199,8 @@ def main() -> int:
     p.add_argument("--batch_size", type=int, default=None, help="EMICA pipeline batch (default: the app's)")
     p.add_argument("--assets_dir", default=None, help="real assets (default: random EMICA weights)")
     p.add_argument("--engines_dir", default=None, help="TensorRT/ONNX engines from build_engines.py")
-    p.add_argument("--compile", action="store_true", help="networks: also torch.compile (GPU; slow)")
+    p.add_argument("--compile", action="store_true", help="also torch.compile: a networks variant, and the EMICA "
+                                                          "pipeline runs (GPU; slow to start)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per part before it is given up")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/all_<device slug>.json)")
     args = p.parse_args()

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (auto picks the fastest available and says why)")
     md.add_argument("--engines_dir", default="engines", help="where build_engines.py put the ONNX exports / TensorRT engines")
     md.add_argument("--precision", choices=PRECISIONS, default="fp32", help="inference precision")
+    _bool_flag(md, "compile", False, "GPU, PyTorch backend: torch.compile the image networks before capturing their "
+                                     "CUDA graphs (fused kernels; minutes more at start-up)")
     md.add_argument("--batch_size", type=int, default=4, help="faces per inference batch (files fill batches; live never waits)")
     md.add_argument("--num_workers", type=int, default=None,
                     help="tracker processes for video files (default: all cores but a quarter, at least 2, left for the "
@@ -156,6 +158,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     m.name = args.model_name or DEFAULT_MODEL
     m.path_to_models, m.assets_dir, m.mode, m.detail_model = args.path_to_models, args.assets_dir, args.mode, args.detail_model
     m.device, m.backend, m.precision, m.batch_size = args.device, args.backend, args.precision, args.batch_size
+    m.compile = args.compile
     m.engines_dir = args.engines_dir
     m.identity_cache, m.identity_refresh = args.identity_cache, args.identity_refresh
     c = cfg.compose

@@ -43,6 +43,7 @@ class ModelConfig:
     backend: str = "auto"
     engines_dir: str = "engines"  # ONNX exports and TensorRT engines from build_engines.py
     precision: str = "fp32"
+    compile: bool = False  # torch.compile the image networks before their CUDA graphs are captured
     batch_size: int = 4
     identity_cache: bool = True  # run MICA once per track, not every frame
     identity_refresh: int = 0  # with the cache: re-measure a track's identity after this many frames (0: never)
@@ -109,6 +110,10 @@ class RunConfig:
         _require(m.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)} (got {m.backend!r})")
         _require(m.precision in PRECISIONS, f"--precision must be fp16 or fp32 (got {m.precision!r})")
         _require(m.batch_size >= 1, f"--batch_size must be at least 1 (got {m.batch_size})")
+        _require(not m.compile or m.device.startswith("cuda"),
+                 f"--compile needs a GPU (--device cuda:N); torch.compile on --device {m.device} is not supported here")
+        _require(not m.compile or m.backend in ("auto", "torch"),
+                 f"--compile applies to PyTorch networks, not --backend {m.backend}: use --backend torch or auto")
         _require(m.identity_refresh >= 0, f"--identity_refresh must be 0 (never) or a number of frames (got {m.identity_refresh})")
         _require(re.fullmatch(r"cpu|cuda(:\d+)?", m.device) is not None, f"--device must be cpu or cuda:N (got {m.device!r})")
         _require(c.cat_dim in (0, 1), f"--cat_dim must be 0 (vertical) or 1 (horizontal) (got {c.cat_dim})")

@@ -1157,12 +1157,13 @@ def create_engines(
     batch_sizes: Sequence[int] = (1, 4, 16),
     weights: Optional[Mapping[str, str]] = None,
     stream: Optional["torch.cuda.Stream"] = None,
+    compile: bool = False,
 ) -> dict[str, Engine]:
     """One engine per network for the backend ``select_backend`` chose, by network name.
 
     Each network runs at ``network_precision(name, precision)``. torch: a TorchEngine over the network's
-    module (CUDA graphs for ``batch_sizes`` on a GPU); onnxruntime: the checked ONNX exports; tensorrt: the
-    first valid engine per network, on ``stream``. ``weights`` (network → ``module_sha256``) re-checks the
+    module (CUDA graphs for ``batch_sizes`` on a GPU; ``torch.compile`` first with ``compile``); onnxruntime:
+    the checked ONNX exports; tensorrt: the first valid engine per network, on ``stream``. ``weights`` (network → ``module_sha256``) re-checks the
     files against the loaded weights.
     """
     if backend not in BACKENDS:
@@ -1178,7 +1179,8 @@ def create_engines(
         net_precision = "fp32" if backend == "onnxruntime" else network_precision(name, precision)
         wanted = EngineRequirements(model, name, net_precision, mode=mode, weights_sha256=weights.get(name), **hardware)
         if backend == "torch":
-            engines[name] = TorchEngine(net.module, device, net_precision, batch_sizes=batch_sizes, name=name)
+            engines[name] = TorchEngine(net.module, device, net_precision, batch_sizes=batch_sizes, name=name,
+                                        compile=compile)
         elif backend == "onnxruntime":
             path = check_onnx(engines_dir, wanted)
             engines[name] = OnnxRuntimeEngine(path, device, "fp32", max_batch=max(batch_sizes), name=name)

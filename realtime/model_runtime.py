@@ -372,7 +372,7 @@ def _attach_engines(model, cfg: RunConfig) -> str:
     if backend == "torch" and torch.device(m.device).type == "cpu":
         return backend  # eager PyTorch is the model itself
     engines = create_engines(backend, networks, m.device, m.precision, m.engines_dir, m.name, mode=m.mode, weights=weights,
-                             batch_sizes=_graph_batch_sizes(m.batch_size))
+                             batch_sizes=_graph_batch_sizes(m.batch_size), compile=m.compile)
     wrap = {name: _EngineModule(e) for name, e in engines.items()}
     if isinstance(model, EMICA):
         enc = model.face_encoder

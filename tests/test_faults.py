@@ -287,6 +287,9 @@ FATAL = {
     "stream-params-tcp": _flag("--stream_params", "tcp://127.0.0.1:9", needles=("--stream_params", "udp://")),
     "unknown-flag": _flag("--colour", "red", needles=("--colour", "--help")),
     "integer-flag-text": _flag("--batch_size", "four", needles=("--batch_size", "four")),
+    "compile-on-cpu": _flag("--compile", "true", "--device", "cpu", needles=("--compile", "cuda:N")),
+    "compile-with-onnxruntime": _flag("--compile", "true", "--device", "cuda:0", "--backend", "onnxruntime",
+                                      needles=("--compile", "--backend onnxruntime")),
     "identity-refresh-negative": _flag("--identity_refresh", "-5", needles=("--identity_refresh", "-5", "0 (never)")),
 }
 

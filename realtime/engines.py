@@ -148,6 +148,10 @@ def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
 # --------------------------------------------------------------------------------------------------
 
 
+class _CaptureFailed(RuntimeError):
+    """Recording a CUDA graph failed (not running one): the engine falls back to eager calls."""
+
+
 @dataclass
 class _CapturedGraph:
     """One CUDA graph for one padded batch size, with the static buffers it reads and writes."""
@@ -226,9 +230,15 @@ class TorchEngine(Engine):
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         with torch.inference_mode():
             inputs = tuple(self._prepare(x) for x in inputs)
-            if not self.cuda_graphs:
-                return self._eager(inputs)
-            return self._replay(inputs)
+            if self.cuda_graphs:
+                try:
+                    return self._replay(inputs)
+                except _CaptureFailed as failed:
+                    # Some op cannot be captured (a host sync, say): the network still runs, only slower.
+                    log.warning("engine %s: CUDA graph capture failed (%s); running it eagerly", self.name, failed)
+                    self.cuda_graphs = False
+                    self._graphs.clear()
+            return self._eager(inputs)
 
     def capture(self, *example_inputs: torch.Tensor) -> None:
         """Capture every batch size now (example rows are repeated), so no call pays for a capture later."""
@@ -243,7 +253,12 @@ class TorchEngine(Engine):
     def _graph_for(self, inputs: tuple[torch.Tensor, ...], size: int) -> _CapturedGraph:
         key = self._graph_key(inputs, size)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(inputs, size)
+            try:
+                self._graphs[key] = self._capture(inputs, size)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as e:
+                raise _CaptureFailed(str(e).splitlines()[0][:200]) from e
         return self._graphs[key]
 
     def _capture(self, inputs: tuple[torch.Tensor, ...], size: int) -> _CapturedGraph:

@@ -476,6 +476,23 @@ def test_cuda_graphs_match_eager_with_padding():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_a_network_that_cannot_be_captured_runs_eagerly_with_a_warning(caplog):
+    class HostSync(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * float(x.abs().max().item() > 0)  # .item() waits for the GPU: not allowed in a capture
+
+    engine = E.TorchEngine(HostSync(), "cuda", "fp32", batch_sizes=(2,))
+    x = images(2).cuda()
+    with caplog.at_level("WARNING", logger="realtime"):
+        (got,) = engine(x)
+    assert torch.equal(got, x) and not engine.cuda_graphs
+    assert "CUDA graph capture failed" in caplog.text and "running it eagerly" in caplog.text
+    (again,) = engine(x)  # no second attempt
+    assert torch.equal(again, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_fp16_autocast_is_close_to_fp32_and_returns_fp32():
     net = TinyEncoder().cuda().eval()
     engine = E.TorchEngine(TinyEncoder(), "cuda", "fp16")

@@ -93,14 +93,18 @@ class ModelReconstructor:
         """Run every batch size once at start-up, so CUDA-graph capture and cuDNN autotuning happen here and not
         on the first live frames."""
         for size in sizes:
-            image = torch.zeros(size, 3, MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE, device=self.device)
-            with self.fork:
-                shapecode = self.model.encode_identity(image[:, :, ::2, ::2] * 2 - 1) if self.is_emica else None
-                codes = self.model.encode_frame(image) if self.is_emica else self.model.encode(image)
-            if shapecode is not None:
-                codes["shapecode"] = shapecode
-            self._decode(codes)
-        torch.cuda.synchronize(self.device)
+            try:
+                image = torch.zeros(size, 3, MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE, device=self.device)
+                with self.fork:
+                    shapecode = self.model.encode_identity(image[:, :, ::2, ::2] * 2 - 1) if self.is_emica else None
+                    codes = self.model.encode_frame(image) if self.is_emica else self.model.encode(image)
+                if shapecode is not None:
+                    codes["shapecode"] = shapecode
+                self._decode(codes)
+                torch.cuda.synchronize(self.device)
+            except torch.cuda.OutOfMemoryError as e:
+                raise UserError(f"{self.device}: not enough GPU memory for {self.name} at batch {size}: lower "
+                                f"--batch_size (now {max(sizes)}) or use --precision fp16") from e
 
     def _decode(self, codes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.decoder is None:

@@ -60,6 +60,7 @@ class Plan:
         self.emica_frames = args.max_frames or (None if on_gpu else (8 if q else 32))
         self.emica_live_frames = args.max_frames or (None if on_gpu else (30 if q else 90))
         self.repeat = 2 if on_gpu or not q else 1
+        self.file_batch = 16 if on_gpu else None  # files fill batches; on a GPU a larger one (the app's default is 4)
 
 
 def run_step(label: str, cmd: list[str], timeout: float) -> tuple[bool, float, str]:
@@ -90,8 +91,9 @@ def pipeline_cmd(model: str, size: str, loop: int, live: bool, plan: Plan, args,
             cmd += ["--assets_dir", args.assets_dir]
         if args.engines_dir:
             cmd += ["--engines_dir", args.engines_dir]
-        if args.batch_size:
-            cmd += ["--batch_size", str(args.batch_size)]
+        batch = args.batch_size or (None if live else plan.file_batch)
+        if batch:
+            cmd += ["--batch_size", str(batch)]
         if args.compile:
             cmd += ["--compile", "true"]
     if live:

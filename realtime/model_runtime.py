@@ -395,8 +395,10 @@ def _attach_engines(model, cfg: RunConfig) -> str:
 
 
 def _graph_batch_sizes(batch_size: int) -> tuple[int, ...]:
-    """Batch sizes with a captured CUDA graph: small ones for live input, and the file batch size itself."""
-    return tuple(sorted({1, 4, 16, max(1, batch_size)}))
+    """Batch sizes with a captured CUDA graph: --batch_size (the largest; bigger batches are split) and the smaller
+    of 1, 4, 16, 64, so a part-filled batch is padded only up to the next of them."""
+    batch_size = max(1, batch_size)
+    return tuple(sorted({s for s in (1, 4, 16, 64) if s < batch_size} | {batch_size}))
 
 
 def _branch_image_networks(model, fork: StreamFork) -> None:

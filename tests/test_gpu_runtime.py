@@ -268,3 +268,11 @@ def test_cached_identity_equals_per_frame_mica_on_the_same_image(synthetic_asset
         np.testing.assert_array_equal(a.vertices, b.vertices)
         for k in b.codes:
             np.testing.assert_array_equal(a.codes[k], b.codes[k], err_msg=k)
+
+
+@pytest.mark.parametrize("batch_size, sizes", [(1, (1,)), (4, (1, 4)), (5, (1, 4, 5)), (16, (1, 4, 16)),
+                                               (64, (1, 4, 16, 64)), (100, (1, 4, 16, 64, 100))])
+def test_graph_batch_sizes_end_at_the_batch_size(batch_size, sizes):
+    from realtime.model_runtime import _graph_batch_sizes
+
+    assert _graph_batch_sizes(batch_size) == sizes

@@ -61,7 +61,8 @@ class ModelReconstructor:
         self.model = load_model(m.name, path_to_models=m.path_to_models, assets_dir=m.assets_dir, device=self.device,
                                 mode=m.mode, detail_model=m.detail_model if m.mode == "detail" and m.name.startswith("EMICA") else None)
         self.is_emica = isinstance(self.model, EMICA)
-        self.backend = _attach_engines(self.model, cfg)
+        graph_sizes = _graph_batch_sizes(m.batch_size)
+        self.backend = _attach_engines(self.model, cfg, graph_sizes)
         # The image networks share no data until FLAME: on a GPU each runs on its own stream (MICA beside the ResNets).
         self.fork = StreamFork(self.device)
         if self.fork.enabled:
@@ -85,8 +86,8 @@ class ModelReconstructor:
             from .engines import TorchEngine
 
             self.decoder = TorchEngine(DecodeNetwork(self.model), self.device, "fp32", channels_last=False,
-                                       batch_sizes=_graph_batch_sizes(m.batch_size), name="decode")
-            self._warm_up(_graph_batch_sizes(m.batch_size))
+                                       batch_sizes=graph_sizes, name="decode")
+            self._warm_up(graph_sizes)
 
     @torch.inference_mode()
     def _warm_up(self, sizes: tuple[int, ...]) -> None:
@@ -123,7 +124,12 @@ class ModelReconstructor:
         if not result.faces:
             return
         items = [(result, f) for f in result.faces]
-        every = list(range(len(items))) if self.is_emica else []
+        # ArcFace crops only while some track of the frame still needs MICA: with the identity cache that is a
+        # track's first frames. The cache is read here without a lock (reads only): if it changes before the
+        # model stage, that batch falls back to cutting its crops itself (`_prepared`).
+        needs_mica = self.is_emica and (
+            self.identity is None or any(self.identity.needs_code(f.track_id) for f in result.faces))
+        every = list(range(len(items))) if needs_mica else []
         if self.uploader is None:
             result.model_inputs = CropInputs(*self._inputs(items, every))
             return
@@ -137,10 +143,12 @@ class ModelReconstructor:
 
     def _prepared(self, batch: list[FrameResult], need: list[int]) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """The batch's inputs from ``prepare`` (faces in batch order, ArcFace rows ``need``); None where a frame
-        with faces has none (``reconstruct`` called without the crop stage)."""
+        with faces has none (``reconstruct`` called without the crop stage) or lacks ArcFace crops it now needs."""
         with_faces = [r for r in batch if r.faces]
         inputs = [r.model_inputs for r in with_faces]
         if any(not isinstance(x, CropInputs) or len(x.image) != len(r.faces) for x, r in zip(inputs, with_faces)):
+            return None
+        if need and any(x.arcface is None for x in inputs):
             return None
         if self.uploader is not None:
             current = torch.cuda.current_stream(self.device)
@@ -187,13 +195,10 @@ class ModelReconstructor:
         itself without a cache (then `need` is every face)."""
         if self.identity is None:
             return fresh
+        row = {i: k for k, i in enumerate(need)}  # face → its row of `fresh`
         fresh = to_host({"shapecode": fresh})["shapecode"] if need else None
-        codes = []
-        for i, (_, face) in enumerate(items):
-            if i in need:
-                codes.append(self.identity.update(face.track_id, fresh[need.index(i)]))
-            else:
-                codes.append(self.identity.get(face.track_id))
+        codes = [self.identity.update(face.track_id, fresh[row[i]]) if i in row else self.identity.get(face.track_id)
+                 for i, (_, face) in enumerate(items)]
         return torch.from_numpy(np.stack(codes).astype(np.float32)).to(self.device)
 
     # -- run ------------------------------------------------------------------------------------
@@ -361,7 +366,7 @@ class _EngineModule(torch.nn.Module):
         return self.engine(*inputs)[0]
 
 
-def _attach_engines(model, cfg: RunConfig) -> str:
+def _attach_engines(model, cfg: RunConfig, batch_sizes: tuple[int, ...]) -> str:
     """Choose the inference backend (`--backend`, logged with the reason) and route the image networks through
     it. FLAME and the detail decoder stay in PyTorch: together well under 1 GMAC, and FLAME's buffers
     (faces, template) are what the rest of the model reads."""
@@ -376,7 +381,7 @@ def _attach_engines(model, cfg: RunConfig) -> str:
     if backend == "torch" and torch.device(m.device).type == "cpu":
         return backend  # eager PyTorch is the model itself
     engines = create_engines(backend, networks, m.device, m.precision, m.engines_dir, m.name, mode=m.mode, weights=weights,
-                             batch_sizes=_graph_batch_sizes(m.batch_size), compile=m.compile)
+                             batch_sizes=batch_sizes, compile=m.compile)
     wrap = {name: _EngineModule(e) for name, e in engines.items()}
     if isinstance(model, EMICA):
         enc = model.face_encoder

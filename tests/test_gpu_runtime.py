@@ -276,3 +276,31 @@ def test_graph_batch_sizes_end_at_the_batch_size(batch_size, sizes):
     from realtime.model_runtime import _graph_batch_sizes
 
     assert _graph_batch_sizes(batch_size) == sizes
+
+
+def test_arcface_crops_are_cut_only_while_a_track_needs_mica(synthetic_assets, tmp_path):
+    """With the identity cache the crop stage skips ArcFace crops once every track's identity is known; a batch
+    whose track needs MICA again after its crops were cut (here: forgotten in between) cuts them itself."""
+    from realtime.model_runtime import ModelReconstructor
+
+    def model() -> ModelReconstructor:
+        cfg = RunConfig(model=ModelConfig(assets_dir=str(synthetic_assets), device="cpu", backend="torch",
+                                          engines_dir=str(tmp_path)))
+        return ModelReconstructor(cfg, identity_cache=True)
+
+    ahead, plain = model(), model()
+    frames = [r for r in _frames_with_faces(9) if r.faces]  # 8 frames, tracks 1 and 2
+    reference = [r for r in _frames_with_faces(9) if r.faces]
+    with_arcface = []
+    for k, (r, ref) in enumerate(zip(frames, reference)):
+        ahead.prepare(r)
+        with_arcface.append(r.model_inputs.arcface is not None)
+        if k == 6:  # track 1 needs MICA again, but its crops were cut without ArcFace
+            ahead.identity.forget(1)
+            plain.identity.forget(1)
+        ahead.reconstruct([r])
+        plain.reconstruct([ref])
+    assert with_arcface == [True] * 5 + [False] * 2 + [True]  # frame 7: track 1 is new to the cache again
+    for r, ref in zip(frames, reference):
+        for a, b in zip(r.reconstructions, ref.reconstructions):
+            np.testing.assert_array_equal(a.vertices, b.vertices)

@@ -31,6 +31,7 @@ import importlib.util
 import json
 import logging
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -213,6 +214,10 @@ class TorchEngine(Engine):
         self._forward: Callable[..., Any] = torch.compile(self.module, dynamic=False) if compile else self.module
         self._graphs: dict[tuple, _CapturedGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        # A replay fills shared static buffers: two threads (the model stage, look-ahead's re-decode) take turns,
+        # and on the GPU a replay waits for the previous one (maybe on another stream) to be done with them.
+        self._lock = threading.Lock()
+        self._last_replay: Optional["torch.cuda.Event"] = None
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, torch.float32, non_blocking=True) if x.is_floating_point() else x.to(self.device)
@@ -232,7 +237,8 @@ class TorchEngine(Engine):
             inputs = tuple(self._prepare(x) for x in inputs)
             if self.cuda_graphs:
                 try:
-                    return self._replay(inputs)
+                    with self._lock:
+                        return self._replay(inputs)
                 except _CaptureFailed as failed:
                     # Some op cannot be captured (a host sync, say): the network still runs, only slower.
                     log.warning("engine %s: CUDA graph capture failed (%s); running it eagerly", self.name, failed)
@@ -281,11 +287,17 @@ class TorchEngine(Engine):
         batch = inputs[0].shape[0]
         size = padded_batch(batch, self.batch_sizes)
         captured = self._graph_for(inputs, size)
+        current = torch.cuda.current_stream(self.device)
+        if self._last_replay is not None:
+            current.wait_event(self._last_replay)
         for static, x in zip(captured.inputs, inputs):
             static.copy_(_pad_rows(x, size))
         captured.graph.replay()
         # Clone: the static outputs are overwritten by the next replay of any graph sharing the pool.
-        return tuple(o[:batch].clone() for o in captured.outputs)
+        outputs = tuple(o[:batch].clone() for o in captured.outputs)
+        self._last_replay = torch.cuda.Event()
+        self._last_replay.record(current)
+        return outputs
 
 
 def _pad_rows(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -695,6 +707,9 @@ class TensorRTEngine(Engine):
         }
         for n, buf in self._buffers.items():
             self.context.set_tensor_address(n, buf.data_ptr())
+        # One execution context and one set of buffers: one call at a time, and on the GPU after the previous one.
+        self._lock = threading.Lock()
+        self._last_call: Optional["torch.cuda.Event"] = None
 
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         _check_arity(self.name, self.input_names, inputs)
@@ -703,7 +718,9 @@ class TensorRTEngine(Engine):
         caller = torch.cuda.current_stream(self.device)
         stream = self.stream or caller
         stream.wait_stream(caller)  # the inputs may still be being written on the caller's stream
-        with torch.cuda.stream(stream):
+        with self._lock, torch.cuda.stream(stream):
+            if self._last_call is not None:
+                stream.wait_event(self._last_call)
             for n, x in zip(self.input_names, inputs):
                 buf = self._buffers[n]
                 buf[:size].copy_(_pad_rows(x.to(self.device, non_blocking=True), size))
@@ -712,6 +729,8 @@ class TensorRTEngine(Engine):
                 raise RuntimeError(f"TensorRT failed to enqueue engine {self.path}")
             # Copies: the buffers are overwritten by the next call.
             outputs = tuple(self._buffers[n][:batch].to(torch.float32, copy=True) for n in self.output_names)
+            self._last_call = torch.cuda.Event()
+            self._last_call.record(stream)
         caller.wait_stream(stream)  # a no-op when the caller runs on ``stream`` itself
         return outputs
 

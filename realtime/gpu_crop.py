@@ -23,6 +23,7 @@ reproduces the frame to within 0.01 levels.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Optional
@@ -110,11 +111,15 @@ def _sample(
             raise ValueError(f"frames must be (H, W, 3) uint8, got {tuple(frame.shape)} {frame.dtype}")
         height, width = frame.shape[:2]
         image = frame.permute(2, 0, 1).unsqueeze(0).float()  # (1, 3, H, W)
-        theta = torch.from_numpy(sampling_theta(matrices[faces], size, height, width)).float().to(device)
+        # non_blocking: a pageable host copy is staged at once instead of waiting for the stream's queued work.
+        theta = torch.from_numpy(sampling_theta(matrices[faces], size, height, width)).float().to(device, non_blocking=True)
         grid = F.affine_grid(theta, [len(faces), 3, size, size], align_corners=False)  # (n, S, S, 2)
         stacked = grid.reshape(1, len(faces) * size, size, 2)
         crops = F.grid_sample(image, stacked, mode=mode, padding_mode="zeros", align_corners=False)
-        out[torch.from_numpy(faces).to(device)] = crops.reshape(3, len(faces), size, size).transpose(0, 1)
+        crops = crops.reshape(3, len(faces), size, size).transpose(0, 1)
+        if len(faces) == len(matrices):  # every face from this one frame (the crop stage's case): no scatter
+            return crops.contiguous()
+        out[torch.from_numpy(faces).to(device, non_blocking=True)] = crops
     return out
 
 
@@ -174,6 +179,7 @@ class FrameUploader:
         self.sizes = sizes  # frame sizes whose rings are kept (image folders can change size every frame)
         self._rings: OrderedDict[tuple[int, ...], list] = OrderedDict()  # size → [(pinned buffer, copy event)]
         self._next: dict[tuple[int, ...], int] = {}
+        self._lock = threading.Lock()
 
     def upload(self, image: np.ndarray, stream: Optional["torch.cuda.Stream"] = None) -> torch.Tensor:
         """One frame onto the device.
@@ -191,6 +197,10 @@ class FrameUploader:
         if self.device.type != "cuda":
             return torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
         stream = stream if stream is not None else torch.cuda.current_stream(self.device)
+        with self._lock:  # the crop stage and the model stage's fallback may upload at the same time
+            return self._upload(image, stream)
+
+    def _upload(self, image: np.ndarray, stream: "torch.cuda.Stream") -> torch.Tensor:
         key = tuple(image.shape)
         ring = self._ring(key)
         slot = self._next.get(key, 0)

@@ -476,6 +476,35 @@ def test_cuda_graphs_match_eager_with_padding():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_two_threads_on_their_own_streams_share_one_graphed_engine():
+    """The model stage and look-ahead's re-decode call the same engine: neither may see the other's results."""
+    import threading
+
+    engine = E.TorchEngine(TinyEncoder(), "cuda", "fp32", batch_sizes=(4,))
+    net = TinyEncoder().cuda().eval()
+    inputs = [images(4, seed=s).cuda() for s in (1, 2)]
+    with torch.no_grad():
+        wants = [net(x) for x in inputs]
+    errors = []
+
+    def worker(k: int) -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for _ in range(50):
+                (got,) = engine(inputs[k])
+                torch.cuda.current_stream().synchronize()
+                if not torch.allclose(got, wants[k], rtol=1e-3, atol=1e-4):
+                    errors.append(k)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_a_network_that_cannot_be_captured_runs_eagerly_with_a_warning(caplog):
     class HostSync(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_networks import device_name  # noqa: E402 - one naming for the device in every report
+from bench.common import device_name  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
 from realtime.engines import slug  # noqa: E402
 
@@ -71,7 +71,8 @@ def run_step(label: str, cmd: list[str], timeout: float) -> tuple[bool, float, s
         proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout)
         ok, tail = proc.returncode == 0, (proc.stderr or proc.stdout)[-2000:]
     except subprocess.TimeoutExpired as e:
-        ok, tail = False, f"timed out after {timeout:.0f} s; " + str(e.stderr or "")[-1500:]
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        ok, tail = False, f"timed out after {timeout:.0f} s; " + stderr[-1500:]
     seconds = time.perf_counter() - t0
     print(f"[bench_all] {label}: {'done' if ok else 'FAILED'} in {seconds:.1f} s", file=sys.stderr, flush=True)
     if not ok:
@@ -210,7 +211,10 @@ def main() -> int:
     bad = [s for s in args.skip if s not in PARTS]
     if bad:
         p.error(f"--skip takes {', '.join(PARTS)} (got {', '.join(bad)})")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device must be cpu, cuda or cuda:N (got {args.device!r})")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA GPU is visible; use --device cpu")
     on_gpu = device.type == "cuda"

@@ -67,8 +67,8 @@ def read_obj_vertices(path: Path) -> np.ndarray:
     return np.array([line.split()[1:4] for line in path.read_text().splitlines() if line.startswith("v ")], np.float64)
 
 
-def run_clip(video: Path, out: Path, smoothing: str, per_frame: bool, extra: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Landmarks (T, N, 2) px and mesh vertices (T, V, 3) in the model's world units of one run."""
+def run_clip(video: Path, out: Path, smoothing: str, per_frame: bool, extra: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
+    """Landmarks (T, N, 2) px, mesh vertices (T, V, 3) in the model's world units, and the model that ran."""
     rc = app_main(["--input", str(video), "--output_folder", str(out), "--export", "npz", "--smoothing", smoothing,
                    "--per_frame_tracking", str(per_frame).lower(), "--save_mesh", "true",
                    "--save_images", "false", "--save_video", "false", "--progress", "false", "--log_level", "warning", *extra])
@@ -78,7 +78,7 @@ def run_clip(video: Path, out: Path, smoothing: str, per_frame: bool, extra: lis
     key = "landmarks_model" if "landmarks_model" in data else "landmarks_mediapipe"
     meshes = sorted(path.parent.glob("*_000/mesh_coarse.obj"))
     assert len(meshes) == len(data[key]), (len(meshes), len(data[key]))
-    return np.asarray(data[key], np.float64), np.stack([read_obj_vertices(m) for m in meshes])
+    return np.asarray(data[key], np.float64), np.stack([read_obj_vertices(m) for m in meshes]), str(data["model_name"])
 
 
 def similarity_scale(source: np.ndarray, target: np.ndarray) -> float:
@@ -102,7 +102,7 @@ def millimetres_per_unit(vertices: np.ndarray, model: str) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args, extra = p.parse_known_args()
-    model = next((extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--model_name"), "default")
+    model = None  # the model that ran (the default falls back to the MediaPipe mesh without EMICA assets)
     report = {"bench": "jitter", "args": extra, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "clips": {}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -111,12 +111,12 @@ def main() -> int:
             report["clips"][name] = rows = {}
             per_frame_raw = None
             for tracking, per_frame in (("per_frame", True), ("mediapipe_video", False)):
-                raw_px, raw_v = run_clip(clip, tmp / f"{name}-{tracking}-off", "off", per_frame, extra)
+                raw_px, raw_v, model = run_clip(clip, tmp / f"{name}-{tracking}-off", "off", per_frame, extra)
                 mm = millimetres_per_unit(raw_v, model)
                 row = {"frames": int(raw_px.shape[0]), "mm_per_unit": mm,
                        "jitter_raw_px": jitter(raw_px), "jitter_raw_mm": mm * jitter(raw_v)}
                 for mode, label in (("on", "causal"), ("lookahead", "lookahead")):
-                    px, v = run_clip(clip, tmp / f"{name}-{tracking}-{mode}", mode, per_frame, extra)
+                    px, v, _ = run_clip(clip, tmp / f"{name}-{tracking}-{mode}", mode, per_frame, extra)
                     row[f"jitter_{label}_px"] = jitter(px)
                     row[f"jitter_{label}_mm"] = mm * jitter(v)
                     row[f"reduction_{label}_px"] = row["jitter_raw_px"] / max(row[f"jitter_{label}_px"], 1e-12)
@@ -128,6 +128,7 @@ def main() -> int:
                 per_frame_raw = row["jitter_raw_px"] if per_frame else per_frame_raw
                 rows[tracking] = row
                 print(name, tracking, json.dumps({k: round(v, 4) for k, v in row.items()}))
+    report["model"] = model
     out = REPO / "bench" / "results" / f"jitter_{model}.json"
     save_json(out, report)
     print(f"wrote {out}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import device_name  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
 from realtime.errors import AssetError  # noqa: E402
 from realtime.models import DEFAULT_MODEL, EMICA, load_model  # noqa: E402
@@ -62,12 +62,6 @@ def timed(fn, device: torch.device, warmup: int, repeats: int) -> dict[str, floa
     times = [once() for _ in range(repeats)]
     return {"median_ms": statistics.median(times), "min_ms": min(times), "mean_ms": statistics.fmean(times),
             "repeats": repeats}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
 
 
 def main() -> None:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import device_name, median_ms  # noqa: E402
 from realtime import engines as E  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
 from realtime.models import load_model  # noqa: E402
@@ -64,20 +63,6 @@ class Variant:
     backend: str
     precision: str
     make: Callable[[E.Network], E.Engine]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores (CPU)"
 
 
 def torch_variants(device: torch.device, batches: tuple[int, ...], with_compile: bool) -> list[Variant]:
@@ -140,21 +125,6 @@ def tensorrt_variants(engines_dir: Path | None, available: E.Availability, weigh
     return variants, notes
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> float:
-    """Median wall time of ``fn`` in ms (GPU work included: synchronised around each call)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - start) * 1000)
-    return statistics.median(samples)
-
-
 def bench_variant(variant: Variant, networks: dict[str, E.Network], device: torch.device,
                   batches: tuple[int, ...], warmup: int, repeat: int) -> dict[tuple[str, int], float]:
     """ms per batch for every (row, batch) of one variant."""
@@ -169,7 +139,7 @@ def bench_variant(variant: Variant, networks: dict[str, E.Network], device: torc
                 def run(parts=parts):
                     for n in parts:
                         engines[n](*inputs[n])
-                results[(row, batch)] = time_ms(run, device, warmup, repeat)
+                results[(row, batch)] = median_ms(run, device, warmup, repeat)
             if not fork.enabled:
                 continue
             for row, (concurrent, after, _) in STREAM_ROWS.items():
@@ -178,7 +148,7 @@ def bench_variant(variant: Variant, networks: dict[str, E.Network], device: torc
                         for n in concurrent:
                             branches[n](*inputs[n])
                     engines[after](*inputs[after])
-                results[(row, batch)] = time_ms(run_forked, device, warmup, repeat)
+                results[(row, batch)] = median_ms(run_forked, device, warmup, repeat)
     return results
 
 

@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,38 +33,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import device_name, parse_size  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
 from realtime.cli import build_parser, config_from_args  # noqa: E402
 from realtime.config import DEFAULT_MODEL  # noqa: E402
+from realtime.engines import slug  # noqa: E402
 from realtime.runner import run  # noqa: E402
 
 #: Entries of the stage statistics that are not a pipeline stage of their own.
 NOT_STAGES = ("latency",)
-
-
-def device_name() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - torch is optional for this label
-        pass
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()} (CPU)"
-
-
-def slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-").lower()
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WxH, e.g. 854x480 (got {text!r})") from None
-    if w < 16 or h < 16 or w % 2 or h % 2:
-        raise argparse.ArgumentTypeError(f"WxH must be even and at least 16x16 for yuv420p (got {text!r})")
-    return w, h
 
 
 def transcode(src: str, dst: Path, size: tuple[int, int] | None, loop: int, max_frames: int | None) -> dict:
@@ -194,6 +170,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=2, help="runs; the first warms caches, the best is reported")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/pipeline_<device>_<model>.json)")
     args, extra = p.parse_known_args()
+    if not Path(args.input).is_file():
+        p.error(f"--input {args.input}: no such file")
     app = build_parser().parse_args(["--input", args.input, *extra])  # bad app flags fail here, before any work
     live = bool(app.realtime)
 

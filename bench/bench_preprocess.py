@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import device_name, median_ms, positive_ints, size_list  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
 from realtime.crop import arcface_matrix, arcface_points, warp_arcface, warp_crop  # noqa: E402
 from realtime.engines import slug  # noqa: E402
@@ -52,38 +52,15 @@ from tests.test_parallel_tracking import write_upscaled_clip  # noqa: E402
 CARPHONE = REPO / "realtime" / "data" / "carphone_pristine.mp4"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores (CPU)"
-    return f"{os.cpu_count()} cores (CPU)"
-
-
-def timed(fn, warmup: int, repeat: int, device: torch.device) -> float:
-    """Median milliseconds of ``fn()`` (CUDA work finished before each clock stop)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(samples)
-
-
 # -- crops ----------------------------------------------------------------------------------------
 
 def timed_with_threads(fn, repeat: int, device: torch.device, threads: int | None) -> float:
-    """``timed`` with torch's intra-op threads set to ``threads`` for the run (None: leave them)."""
+    """``median_ms`` with torch's intra-op threads set to ``threads`` for the run (None: leave them)."""
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return timed(fn, warmup=3, repeat=repeat, device=device)
+        return median_ms(fn, device, warmup=3, repeat=repeat)
     finally:
         torch.set_num_threads(before)
 
@@ -185,21 +162,20 @@ def _tracker_row(label, workers, frames, t0, first, end, diffs, chunks) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", default="1,4,16")
-    parser.add_argument("--sizes", default="640x480,1920x1080", help="frame sizes for the crop timings")
+    parser.add_argument("--batches", type=positive_ints, default=[1, 4, 16])
+    parser.add_argument("--sizes", type=size_list, default=[(640, 480), (1920, 1080)], help="frame sizes for the crop timings")
     parser.add_argument("--repeat", type=int, default=2, help="tracker clip: carphone forwards/backwards this often")
-    parser.add_argument("--workers", default=None, help="tracker processes to try (default 1,2,cpu_count)")
+    parser.add_argument("--workers", type=positive_ints, default=None, help="tracker processes to try (default 1,2,cpu_count)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    batches = [int(b) for b in args.batches.split(",")]
-    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-    workers = sorted({int(w) for w in args.workers.split(",")}) if args.workers else sorted({1, 2, os.cpu_count() or 1})
+    batches, frame_sizes = args.batches, args.sizes
+    workers = sorted(set(args.workers)) if args.workers else sorted({1, 2, os.cpu_count() or 1})
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     name = device_name(devices[-1])
     load = os.getloadavg()
 
-    crops = bench_crops(sizes, batches, devices)
+    crops = bench_crops(frame_sizes, batches, devices)
     with tempfile.TemporaryDirectory() as tmp:
         clip = write_upscaled_clip(CARPHONE, Path(tmp) / "carphone_640x480.mp4", 640, 480, repeat=args.repeat)
         tracker = bench_tracker(clip, workers)

@@ -94,7 +94,10 @@ def xvfb(monkeypatch, tmp_path):
 
     for number in random.sample(range(200, 60000), 8):
         server = subprocess.Popen(
-            ["Xvfb", f":{number}", "-screen", "0", "320x240x24", "-fbdir", str(tmp_path), "-nolisten", "tcp"],
+            # -noreset: without it the server resets when its last client leaves (our handshake probe, or the
+            # previous window), and a connection made during that reset is refused.
+            ["Xvfb", f":{number}", "-screen", "0", "320x240x24", "-fbdir", str(tmp_path), "-nolisten", "tcp",
+             "-noreset"],
             preexec_fn=die_with_parent,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -316,6 +316,18 @@ def noise_level(values: np.ndarray) -> float:
     return float(np.sqrt(np.mean(sigma**2)))
 
 
+def increasing_times(pts) -> np.ndarray:
+    """(T,) times with every step that does not go forward (a repeated or backwards timestamp) replaced by the
+    median forward step, so each sample keeps its place in time order; strictly increasing input is unchanged."""
+    t = np.asarray(pts, dtype=np.float64)
+    steps = np.diff(t)
+    if t.size < 2 or np.all(steps > 0):
+        return t
+    forward = steps[steps > 0]
+    typical = float(np.median(forward)) if forward.size else 1.0 / 30.0
+    return t[0] + np.concatenate([[0.0], np.cumsum(np.where(steps > 0, steps, typical))])
+
+
 def local_regression_matrix(
     pts: Sequence[float],
     window: float,
@@ -489,7 +501,8 @@ class ParamSmoother:
         Args:
             codes_per_frame: (T) dicts of the track's codes, in time order; a key is smoothed over
                 the frames that have it with finite values (the others pass through).
-            pts: (T,) strictly increasing times in seconds (gaps are fine).
+            pts: (T,) times in seconds (gaps are fine); repeated or backwards ones, as damaged files have, are
+                replaced by ``increasing_times``.
             window: Gaussian standard deviation in seconds for every group; None uses each group's.
             at: smooth only this frame (the look-ahead stage's centre), fitted on all T; the others
                 come back as given.
@@ -501,6 +514,7 @@ class ParamSmoother:
             raise ValueError(f"{len(codes_per_frame)} frames of codes but {len(pts)} pts")
         if window is not None and not window > 0:
             raise ValueError(f"window must be > 0 seconds, got {window}")
+        pts = increasing_times(pts)
         out = [dict(codes) for codes in codes_per_frame]
         keys = dict.fromkeys(k for codes in codes_per_frame for k in codes)
         for key in keys:

@@ -297,3 +297,20 @@ def test_smoothing_one_frame_equals_that_frame_of_the_whole_sequence(key):
         one = ParamSmoother().smooth_sequence(raw, pts, at=at)
         np.testing.assert_allclose(one[at][key], full[at][key], rtol=1e-12, atol=1e-12)
         assert all(one[i][key] is raw[i][key] for i in range(9) if i != at)  # the others untouched
+
+
+def test_repeated_or_backwards_timestamps_do_not_stop_file_smoothing():
+    """Damaged files can repeat a timestamp or step back; look-ahead smoothing must go on, treating such a frame
+    as one typical step after the previous one."""
+    from realtime.smoothing import increasing_times
+
+    assert increasing_times([0.0, 0.1, 0.2]).tolist() == [0.0, 0.1, 0.2]  # already fine: unchanged
+    np.testing.assert_allclose(increasing_times([0.0, 0.1, 0.1, 0.05, 0.2, 0.3]), [0.0, 0.1, 0.2, 0.3, 0.45, 0.55])
+    smoother = ParamSmoother("default")
+    rng = np.random.default_rng(0)
+    codes = [{"expcode": rng.normal(size=5).astype(np.float32)} for _ in range(9)]
+    broken = [0.0, 1 / 30, 1 / 30, 3 / 30, 2 / 30, 5 / 30, 6 / 30, 7 / 30, 8 / 30]
+    out = smoother.smooth_sequence(codes, broken)
+    want = smoother.smooth_sequence(codes, increasing_times(broken))
+    for a, b in zip(out, want):
+        np.testing.assert_array_equal(a["expcode"], b["expcode"])

@@ -37,23 +37,24 @@ ARCFACE_SIZE = 112
 _ARCFACE_MEDIAPIPE_INDICES = (468, 473, 1, 61, 291)
 
 
-def square_box(points_xy: np.ndarray, scale: float = 1.25) -> tuple[tuple[float, float], float]:
+def square_box(points_xy: np.ndarray, scale: float = 1.25, whole_pixels: bool = True) -> tuple[tuple[float, float], float]:
     """inferno's ``bbox2point(..., 'kpt68')`` on the points' bounding box.
 
     Args:
         points_xy: (N, 2) landmark pixel coordinates (x, y).
         scale: enlargement applied after the ×1.1 of ``kpt68``.
+        whole_pixels: truncate the side to an integer like inferno's ``int(old_size * scale)``; False keeps
+            it exact (a smoothly moving box for smoothed landmarks).
 
     Returns:
-        ``((cx, cy), size)``: box centre in float64 pixels and the side, truncated to an integer
-        like inferno's ``int(old_size * scale)`` (returned as a float).
+        ``((cx, cy), size)``: box centre in float64 pixels and the side (a float).
     """
     pts = np.asarray(points_xy, dtype=np.float64)[:, :2]
     left, top = pts.min(axis=0)
     right, bottom = pts.max(axis=0)
     old_size = ((right - left) + (bottom - top)) / 2.0 * 1.1
     center = (float(right - (right - left) / 2.0), float(bottom - (bottom - top) / 2.0))
-    return center, float(int(old_size * scale))
+    return center, float(int(old_size * scale)) if whole_pixels else float(old_size * scale)
 
 
 def crop_matrix(center: tuple[float, float], size: float, image_size: int = 224) -> np.ndarray:

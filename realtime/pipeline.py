@@ -55,12 +55,7 @@ class LatestQueue:
             if item is not _END and len(self._items) > self._maxsize:
                 oldest = self._items.popleft()
                 self.dropped += 1
-                # The next frame inherits the dropped one's count and sound, so the audio track stays whole.
-                heir = self._items[0]
-                heir.dropped_before += oldest.dropped_before + 1
-                heir.frame.audio = oldest.frame.audio + heir.frame.audio
-                # ...and its retired tracks, or the model stage would hold their state for good.
-                heir.retired_tracks = oldest.retired_tracks + heir.retired_tracks
+                self._items[0].absorb(oldest)
             self._cond.notify()
 
     def get(self, timeout: Optional[float] = None):

@@ -14,6 +14,7 @@ from typing import Optional, Protocol
 import numpy as np
 
 from .config import EMBEDDED_MODEL, RunConfig
+from .crop import square_box
 from .errors import AssetError
 from .types import Face, FrameResult, Reconstruction
 
@@ -77,10 +78,8 @@ class MediaPipeMeshReconstructor:
         landmarks by it would put the raw jitter back into the mesh.
         """
         pts = landmarks[: self.n_vertices].astype(np.float64)
-        outline = landmarks[self._outline, :2].astype(np.float64)
-        lo, hi = outline.min(axis=0), outline.max(axis=0)
-        cx, cy = (lo + hi) / 2.0
-        s = max(float((hi - lo).mean() * 1.1 * self.scale), 1.0)  # a point-sized detection: 1 px, not a 0 divide
+        (cx, cy), side = square_box(landmarks[self._outline, :2], self.scale, whole_pixels=False)
+        s = max(side, 1.0)  # a point-sized detection: 1 px, not a 0 divide
         world = np.empty_like(pts)
         world[:, 0] = (pts[:, 0] - cx) / s
         world[:, 1] = -(pts[:, 1] - cy) / s

@@ -105,3 +105,11 @@ class FrameResult:
     # The model's input crops for `faces`, cut ahead of the model stage by its crop stage (on a GPU: already
     # on the device), so cropping frame k+1 overlaps inference on frame k. Opaque here: see realtime.model_runtime.
     model_inputs: Optional[object] = None
+
+    def absorb(self, dropped: "FrameResult") -> None:
+        """Take over what must outlive an earlier frame that a live queue drops in favour of this one: its drop
+        count, its sound (so the audio track stays whole) and its retired tracks (or the model stage would hold
+        their state for good)."""
+        self.dropped_before += dropped.dropped_before + 1
+        self.frame.audio = dropped.frame.audio + self.frame.audio
+        self.retired_tracks = dropped.retired_tracks + self.retired_tracks

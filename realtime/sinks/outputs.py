@@ -89,11 +89,6 @@ def obj_text(vertices: np.ndarray, faces: np.ndarray) -> str:
     return "\n".join(lines) + "\n"
 
 
-def warp_to_crop(image: np.ndarray, crop_matrix: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
-    """(H, W, 3) frame image → (size, size, 3) crop through the frame→crop affine (2, 3); black outside."""
-    return warp_affine(image, crop_matrix, size)
-
-
 class _CodeTable:
     """Rows of per-face metadata and codes, stacked into arrays for ``codes.npz``."""
 
@@ -197,7 +192,7 @@ class FrameOutputs(Sink):
             return image
         if result.rendered is None:
             raise ValueError("saving geometry.png needs result.rendered or a render_crop callable")
-        return warp_to_crop(result.rendered, rec.face.crop_matrix)
+        return warp_affine(result.rendered, rec.face.crop_matrix, CROP_SIZE)
 
     def _write_face(self, result: FrameResult, rec: Reconstruction) -> None:
         frame = result.frame
@@ -206,7 +201,7 @@ class FrameOutputs(Sink):
         if self.save_images:
             save_png(folder / "geometry.png", self._geometry(result, rec), fsync=False)
             if frame.name is not None:
-                save_png(folder / "inputs.png", warp_to_crop(frame.image, rec.face.crop_matrix), fsync=False)
+                save_png(folder / "inputs.png", warp_affine(frame.image, rec.face.crop_matrix, CROP_SIZE), fsync=False)
         codes = {code_file_stem(k): code_array(k, v) for k, v in rec.codes.items()}
         if self.save_codes:
             for stem, array in codes.items():

@@ -225,6 +225,8 @@ def _probe(path: Path) -> tuple[Fraction, int, Fraction, Optional[int], bool]:
         frames = video.frames or None
         if frames is None and video.duration is not None and video.time_base is not None:
             frames = math.ceil(video.duration * video.time_base * fps)
+        if frames is None and container.duration:  # Matroska/WebM: only the container knows (in µs)
+            frames = math.ceil(Fraction(container.duration, av.time_base) * fps)
         time_base = video.time_base or Fraction(1, 1000)
         try:
             first = next((packet for packet in container.demux(video) if packet.size), None)

@@ -22,6 +22,10 @@ log = logging.getLogger("realtime")
 
 
 class Reconstructor(Protocol):
+    """What the pipeline's model stage calls. A reconstructor that also has ``prepare(result)`` (cut the frame's
+    network inputs ahead, on the crop stage's thread) gets a crop stage before its model stage; the MediaPipe mesh
+    needs no crops and has none."""
+
     name: str
 
     def reconstruct(self, batch: list[FrameResult]) -> None:

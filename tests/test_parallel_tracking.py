@@ -231,3 +231,19 @@ def test_tracker_processes_per_machine(requested, cores, workers):
     from realtime.runner import tracker_workers
 
     assert tracker_workers(requested, cores) == workers
+
+
+def test_matroska_frame_count_comes_from_the_container(tmp_path, carphone_path):
+    """MKV/WebM streams carry no frame count or duration: without the container's duration every chunk after the
+    first would wait for the one before it, and the tracker processes would run one at a time."""
+    mkv = tmp_path / "carphone.mkv"
+    with av.open(str(carphone_path)) as src, av.open(str(mkv), "w") as dst:
+        out = dst.add_stream("libx264", rate=30)
+        out.width, out.height, out.pix_fmt = 176, 144, "yuv420p"
+        for frame in src.decode(video=0):
+            dst.mux(out.encode(frame.reformat(format="yuv420p")))
+        dst.mux(out.encode(None))
+    with av.open(str(mkv)) as c:
+        assert not c.streams.video[0].frames and c.streams.video[0].duration is None  # what makes this case
+    _, _, fps, frames, _ = pt._probe(mkv)
+    assert frames is not None and abs(frames - 120) <= 2

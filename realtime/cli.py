@@ -36,6 +36,15 @@ def _bool_flag(group, name: str, default: bool, help: str) -> None:
     group.add_argument(f"--no-{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: not for flags whose help already says it (booleans: "true", not "True"), nor None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """A bad flag is one line, not the whole usage text."""
 
@@ -51,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
             "video files at full speed (--input video.mp4), image folders (--input photos/), RTSP/HTTP streams "
             "(--input rtsp://…), WebRTC broadcast (--webrtc 127.0.0.1:8080) and recording (--record out.mp4)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     io = p.add_argument_group("input")
     io.add_argument(

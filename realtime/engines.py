@@ -597,6 +597,9 @@ class OnnxRuntimeEngine(Engine):
             provider_options = [{"device_id": self.device.index or 0}, {}]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The networks run one after another, each in its own session: spinning worker threads of the
+        # session that just ran kept the cores from the next one (2-core box: coarse total 263 → 159 ms).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(self.path), options, providers=providers,

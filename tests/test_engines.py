@@ -147,6 +147,13 @@ def test_export_is_dynamic_in_batch_and_matches_pytorch(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_onnxruntime_sessions_do_not_spin_between_runs(tmp_path):
+    # EMICA's networks run in turn, one session each: idle spinning threads of one session starved the next.
+    path = E.export_onnx(TinyEncoder(), [images(1)], tmp_path / "m" / "deca.onnx", ["image"], ["code"])
+    options = E.OnnxRuntimeEngine(path, "cpu").session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_static_export_does_not_accept_another_batch(tmp_path):
     """The control for the test above: without dynamic_batch the file is fixed at its export batch."""
     path = E.export_onnx(TinyEncoder(), [images(1)], tmp_path / "deca.onnx", ["image"], ["code"], dynamic_batch=False)

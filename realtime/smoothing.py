@@ -354,20 +354,24 @@ def local_regression_matrix(
         rows: the samples to fit (default all): the look-ahead stage needs only its centre frame.
 
     Returns:
-        (R, T) sparse matrix H, R = len(rows) (default T); smoothed = H @ samples.
+        (R, T) matrix H, R = len(rows) (default T); smoothed = H @ samples. Sparse for the whole
+        sequence; a dense array when `rows` is given (the look-ahead's one row: building a sparse
+        matrix would cost more than the fit).
     """
     t = np.asarray(pts, dtype=np.float64)
     n = len(t)
     if n and np.any(np.diff(t) <= 0):
         raise ValueError("smooth_sequence needs strictly increasing pts")
+    dense = rows is not None
     rows = range(n) if rows is None else list(rows)
     if not n or not len(rows):
-        return sparse.csr_matrix((len(rows), n))
+        return np.zeros((len(rows), n)) if dense else sparse.csr_matrix((len(rows), n))
     if features is not None:
         features = np.asarray(features, dtype=np.float64).reshape(n, -1)
         range_scale = RANGE_SIGMAS * np.sqrt(2.0) * noise_level(features)
     lo = np.searchsorted(t, t - 3.0 * window, side="left")
     hi = np.searchsorted(t, t + 3.0 * window, side="right")
+    out = np.zeros((len(rows), n)) if dense else None
     row_ids, cols, vals = [], [], []
     for r, i in enumerate(rows):
         tau = (t[lo[i] : hi[i]] - t[i]) / window  # dimensionless, for a well-conditioned fit
@@ -382,9 +386,14 @@ def local_regression_matrix(
         # of W^½B so that a fit left with few weighted samples stays well-posed.
         root = np.sqrt(w)
         coef = np.linalg.pinv(basis * root[:, None])[0] * root
+        if dense:
+            out[r, lo[i] : hi[i]] = coef
+            continue
         row_ids.append(np.full(len(tau), r))
         cols.append(np.arange(lo[i], hi[i]))
         vals.append(coef)
+    if dense:
+        return out
     matrix = (np.concatenate(vals), (np.concatenate(row_ids), np.concatenate(cols)))
     return sparse.csr_matrix(matrix, shape=(len(rows), n))
 

@@ -21,12 +21,11 @@ import cv2
 import numpy as np
 
 from realtime.errors import MediaError
-from realtime.sources import Source
+from realtime.sources import DEFAULT_FPS, Source
 from realtime.types import AudioChunk, Frame
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FPS = 30.0
 # Audio waiting for a consumer that stopped asking is capped, so a stalled pipeline cannot grow memory.
 _MAX_PENDING_AUDIO_S = 5.0
 # What can go wrong while (re)opening or reading a device or stream; anything else is a bug and ends the reader.

@@ -45,6 +45,7 @@ from typing import Iterator, NamedTuple, Optional
 import av
 
 from .errors import MediaError, UserError
+from .sources import DEFAULT_FPS, frame_time, open_video_file, stream_fps
 from .tracking import DEFAULT_MODEL_PATH, FaceTracker
 from .types import Face, Frame
 
@@ -132,7 +133,7 @@ def _decode_chunk(path: str, chunk: _Chunk, seek: bool = True) -> Iterator[Optio
                 container.seek(chunk.start, stream=video, backward=True, any_frame=False)
             except av.FFmpegError:
                 seek = False  # not seekable: decode from the top
-        rate = video.average_rate or video.guessed_rate
+        fps = stream_fps(video)
         count, first = 0, True
         for item in _decoded(container, video):
             if item.pts is None and bounded:
@@ -144,9 +145,7 @@ def _decode_chunk(path: str, chunk: _Chunk, seek: bool = True) -> Iterator[Optio
                 continue
             if chunk.stop is not None and item.pts >= chunk.stop:
                 return  # decoders hand frames out in pts order: nothing later belongs to this chunk
-            # The same pts VideoFileSource gives the frame, so faces_for can match them.
-            pts = float(item.time) if item.pts is not None else count / (float(rate) if rate else 30.0)
-            yield Frame(index=count, pts=pts, image=item.to_ndarray(format="rgb24"))
+            yield Frame(index=count, pts=frame_time(item, count, fps), image=item.to_ndarray(format="rgb24"))
             count += 1
         else:
             yield None
@@ -209,19 +208,11 @@ def _probe(path: Path) -> tuple[Fraction, int, Fraction, Optional[int], bool]:
     """(time base, first pts, fps, estimated frame count, has timestamps) of the file's video stream, or a MediaError."""
     if not path.is_file():
         raise MediaError(f"Input not found: {path}. Parallel tracking needs a video file.")
-    try:
-        container = av.open(str(path))
-    except av.FFmpegError as exc:
-        raise MediaError(f"Not a video FFmpeg can read: {path} ({exc.strerror or exc}). "
-                         "Check the file, or convert it to .mp4 (H.264).") from exc
-    except OSError as exc:
-        raise MediaError(f"Cannot read {path}: {exc.strerror or exc}. Check the path and permissions.") from exc
-    with container:
+    with open_video_file(path) as container:
         if not container.streams.video:
             raise MediaError(f"No video stream in {path}. Pass a video file.")
         video = container.streams.video[0]
-        rate = video.average_rate or video.guessed_rate
-        fps = Fraction(rate) if rate else Fraction(30)
+        fps = Fraction(video.average_rate or video.guessed_rate or DEFAULT_FPS)
         frames = video.frames or None
         if frames is None and video.duration is not None and video.time_base is not None:
             frames = math.ceil(video.duration * video.time_base * fps)

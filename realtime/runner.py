@@ -223,7 +223,7 @@ def _processed_folder(cfg: RunConfig, base: Path) -> Path:
 
 def run(cfg: RunConfig) -> RunSummary:
     from .reconstruct import create_reconstructor
-    from .sources import ImageFolderSource, VideoFileSource, open_source
+    from .sources import DEFAULT_FPS, ImageFolderSource, VideoFileSource, open_source
 
     source = open_source(cfg.input, live=True if cfg.realtime else None)
     live = source.live
@@ -322,7 +322,7 @@ def run(cfg: RunConfig) -> RunSummary:
 
         feed = FrameFeed(source, cfg.max_frames, microphone, replay_frames=resume.frames_done if resume else 0)
         if cfg.output.smoothing == "lookahead":
-            pipeline = _lookahead_pipeline(feed, stages, reconstructor, source.fps or 30.0, cfg.model.batch_size, deliver)
+            pipeline = _lookahead_pipeline(feed, stages, reconstructor, source.fps or DEFAULT_FPS, cfg.model.batch_size, deliver)
         else:
             pipeline = Pipeline(feed, stages, live=live, batch_size=cfg.model.batch_size, on_result=deliver,
                                 stats_every=5.0 if (cfg.stats and live) else None)
@@ -413,6 +413,7 @@ def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: s
                  microphone: bool) -> list:
     from .compose import ComposeOptions, panel_shape
     from .sinks.background import BackgroundSink
+    from .sources import DEFAULT_FPS
 
     o, sinks = cfg.output, []
     if "folder" in outputs and (o.save_images or o.save_codes or o.save_mesh):
@@ -438,7 +439,7 @@ def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: s
             audio_rate, channels = None, None
         path = resume.recording_path if resume is not None and not o.record else outputs["video"]
         # "auto": h264_nvenc where an NVIDIA GPU is usable (encoding off the CPU), else libx264.
-        recorder = Recorder(path, fps=source.fps or 30.0, width=pw, height=ph,
+        recorder = Recorder(path, fps=source.fps or DEFAULT_FPS, width=pw, height=ph,
                             audio_rate=audio_rate, audio_channels=channels, codec="auto")
         sinks.append(BackgroundSink(recorder, name=f"recorder ({path.name})"))
     if o.show:
@@ -451,7 +452,7 @@ def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: s
 
         host, port = parse_host_port(o.webrtc, "--webrtc")
         sinks.append(WebRTCSink(host=host, port=port, token=o.webrtc_token, max_viewers=o.webrtc_max_viewers,
-                                fps=source.fps or 30.0, stats=cfg.stats))
+                                fps=source.fps or DEFAULT_FPS, stats=cfg.stats))
     if o.stream_params:
         from .sinks.params_stream import ParamStreamSink
 

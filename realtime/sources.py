@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
 STREAM_TIMEOUT_S = 5.0
+DEFAULT_FPS = 30.0  # the rate assumed for an input that states none
 # Audio decoded ahead of its frame waits at most this long (a file whose audio starts far later than
 # its video would otherwise buffer the whole track).
 _MAX_AUDIO_LEAD_S = 2.0
@@ -39,6 +40,32 @@ _MAX_AUDIO_LEAD_S = 2.0
 # 1 s of input instead of 5. Not "fflags=nobuffer": it discards the packets read while probing, first
 # keyframe included, so nothing decodes until the next keyframe (a short stream: nothing at all).
 _LOW_DELAY_OPTIONS = {"flags": "low_delay", "analyzeduration": "1000000"}
+
+
+def stream_fps(video: av.VideoStream) -> float | None:
+    """The video stream's frame rate as its container states it, or None if it states none."""
+    rate = video.average_rate or video.guessed_rate
+    return float(rate) if rate else None
+
+
+def frame_time(item: av.VideoFrame, index: int, fps: float | None) -> float:
+    """A decoded frame's presentation time in seconds; a frame without a timestamp is placed by its index at `fps`
+    (DEFAULT_FPS if None). The file source and the parallel tracker's workers both time frames with this, so that
+    the tracker's results match the source's frames by time."""
+    return float(item.time) if item.pts is not None else index / (fps or DEFAULT_FPS)
+
+
+def open_video_file(path: Path) -> av.container.InputContainer:
+    """Open a media file with FFmpeg, or a MediaError naming the file and the fix."""
+    try:
+        return av.open(str(path))
+    except av.FFmpegError as exc:
+        raise MediaError(
+            f"Not a video or image FFmpeg can read: {path} ({exc.strerror or exc}). "
+            "Check the file, or convert it to .mp4 (H.264)."
+        ) from exc
+    except OSError as exc:
+        raise MediaError(f"Cannot read {path}: {exc.strerror or exc}. Check the path and permissions.") from exc
 
 
 class Source:
@@ -403,8 +430,7 @@ class _PyAVSource(Source):
         if self._audio is not None and self._audio.codec_context is None:
             log.warning("%s: audio codec has no decoder; continuing without audio", name)
             self._audio = None
-        rate = self._video.average_rate or self._video.guessed_rate
-        self.fps = float(rate) if rate else None
+        self.fps = stream_fps(self._video)
         self.width, self.height = self._video.width, self._video.height
         if self._audio is not None:
             self.audio_rate = int(self._audio.rate)
@@ -455,14 +481,13 @@ class _PyAVSource(Source):
                     continue
                 if item.is_corrupt:
                     self._count_concealed(f"frame {index}")
-                pts = item.time if item.pts is not None else index / (self.fps or 30.0)
-                frame = Frame(index=index, pts=float(pts), image=item.to_ndarray(format="rgb24"))
+                frame = Frame(index=index, pts=frame_time(item, index, self.fps), image=item.to_ndarray(format="rgb24"))
                 index += 1
                 if self._hold_last_frame:
                     frame, held = held, frame
                     if frame is None:
                         continue
-                frame.audio = self._audio_due(pending, frame.pts + 1.0 / (self.fps or 30.0))
+                frame.audio = self._audio_due(pending, frame.pts + 1.0 / (self.fps or DEFAULT_FPS))
                 yield frame
             if timed_out:
                 self.end_reason = f"no data for {self._read_timeout:g} s"
@@ -507,16 +532,7 @@ class VideoFileSource(_PyAVSource):
         super().__init__()
         path = Path(path)
         self.description = str(path)
-        try:
-            container = av.open(str(path))
-        except av.FFmpegError as exc:
-            raise MediaError(
-                f"Not a video or image FFmpeg can read: {path} ({exc.strerror or exc}). "
-                "Check the file, or convert it to .mp4 (H.264)."
-            ) from exc
-        except OSError as exc:
-            raise MediaError(f"Cannot read {path}: {exc.strerror or exc}. Check the path and permissions.") from exc
-        self._setup(container, str(path))
+        self._setup(open_video_file(path), str(path))
         self.live = bool(live)
         self._paced = self.live
         self.frame_count = self._video.frames or self._count_frames(path)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -130,6 +132,8 @@ class FaceTracker:
                     return vision.FaceLandmarker.create_from_options(options(BaseOptions.Delegate.GPU)), "gpu"
             except (RuntimeError, ValueError) as exc:
                 reason = str(exc).splitlines()[0][:120]
+                if "kGpuService" in reason:  # MediaPipe's words for "no GPU context could be made"
+                    reason = "no OpenGL ES context on a GPU: EGL found no usable GPU display"
                 log.warning("MediaPipe GPU delegate unavailable (%s); tracking on the CPU.", reason)
         try:
             with _quiet_native_stderr():
@@ -196,25 +200,38 @@ class FaceTracker:
         self.close()
 
 
+# What MediaPipe's C++ side prints to fd 2 while a graph starts: absl/glog lines ("W0000 00:00:…"), their stack
+# traces, TFLite's "INFO: …" and absl's warning that logging is not initialised.
+_NATIVE_LOG_LINE = re.compile(r"([IWEF]\d{4} |Stack trace:|\s+@\s|INFO: |WARNING: Logging before InitGoogle)")
+# fd 2 belongs to the whole process: two trackers starting at once must not swap it in turn.
+_STDERR_SWAP = threading.Lock()
+
+
 @contextlib.contextmanager
 def _quiet_native_stderr():
-    """Hold back what MediaPipe's C++ graph prints to fd 2 while it starts (absl/TFLite INFO and W lines that
-    GLOG_minloglevel does not reach); if starting fails, the held text is passed on so nothing useful is lost."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real fd 2 (e.g. captured by a test runner): nothing to quiet
-        yield
-        return
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        failed = True
+    """Hold back fd 2 while MediaPipe's C++ graph starts: its log lines (which GLOG_minloglevel does not reach,
+    and a page of EGL stack traces when the GPU delegate is unavailable) go to the debug log; whatever else was
+    written to fd 2 meanwhile (another thread's log line) is passed on afterwards, so nothing of ours is lost."""
+    with _STDERR_SWAP:
         try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no real fd 2 (e.g. captured by a test runner): nothing to quiet
             yield
-            failed = False
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            if failed:
+            return
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
                 held.seek(0)
-                sys.stderr.write(held.read().decode(errors="replace"))
+                lines = held.read().decode(errors="replace").splitlines(keepends=True)
+    native = "".join(line for line in lines if _NATIVE_LOG_LINE.match(line))
+    if native:
+        log.debug("MediaPipe start-up output:\n%s", native.rstrip())
+    other = "".join(line for line in lines if not _NATIVE_LOG_LINE.match(line))
+    if other:
+        sys.stderr.write(other)
+        sys.stderr.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
 from collections import Counter
 
@@ -158,15 +159,29 @@ def test_no_face_gives_an_empty_list(image_tracker):
     assert image_tracker.track(Frame(index=0, pts=0.0, image=np.full((240, 320, 3), 90, np.uint8))) == []
 
 
-def test_gpu_request_falls_back_to_cpu_with_one_warning(face_model_path, astronaut, caplog):
+def test_gpu_request_falls_back_to_cpu_with_one_warning(face_model_path, astronaut, caplog, capfd):
     with caplog.at_level(logging.WARNING, logger="realtime.tracking"):
         with FaceTracker(face_model_path, mode="image", device="gpu") as tracker:
             assert len(tracker.track(Frame(index=0, pts=0.0, image=astronaut))) == 1
     warnings = [r for r in caplog.records if r.name == "realtime.tracking"]
     if tracker.device == "cpu":  # no usable GL/GPU here
         assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+        assert "OpenGL ES" in warnings[0].getMessage()
     else:
         assert warnings == []
+    # MediaPipe's own start-up lines (a page of EGL stack traces when the GPU fails) stay off the terminal.
+    assert capfd.readouterr().err == ""
+
+
+def test_native_start_up_lines_are_held_back_and_other_output_passed_on(capfd):
+    from realtime.tracking import _quiet_native_stderr
+
+    with _quiet_native_stderr():
+        os.write(2, b"W0000 00:00:1795680125.6 28326 face_landmarker_graph.cc:181] Sets acceleration to xnnpack.\n"
+                    b"Stack trace:\n    @     0x7f274cee20cd  absl::StatusBuilder::Create()\n"
+                    b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
+                    b"renderer: could not open the window (another thread's log line)\n")
+    assert capfd.readouterr().err == "renderer: could not open the window (another thread's log line)\n"
 
 
 def test_missing_and_corrupt_model_files(tmp_path):

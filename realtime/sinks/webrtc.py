@@ -696,6 +696,12 @@ class WebRTCSink(Sink):
         await asyncio.gather(*(self._drop(v) for v in list(self._viewers)), return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
+        # A peer that was still connecting leaves aiortc tasks (ICE checks, DTLS handshake) that close() does not
+        # end; cancelled here, they do not die "destroyed but pending" with the loop.
+        rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     # -- HTTP handlers --------------------------------------------------------------------------
 

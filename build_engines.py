@@ -9,7 +9,7 @@ For every network (MICA, DECA, expression, FLAME; the detail encoder/decoder wit
 1. export engines/<model>/<network>.onnx with a dynamic batch dimension (+ a JSON manifest);
 2. run it with ONNX Runtime beside PyTorch fp32 and print the max relative error (fails above 1e-4);
 3. when TensorRT is installed: build engines/<model>/<network>-<precision>-b<min>_<opt>_<max>-<gpu>-trt<ver>.engine
-   for each precision, one optimisation profile over --batch, sharing engines/timing.cache (+ manifests),
+   for each precision, one optimisation profile over --batch, sharing engines/timing-<gpu>-trt<version>.cache (+ manifests),
    and compare each engine with PyTorch on the GPU.
 
 Files that are up to date (same weights, same ONNX, same GPU and TensorRT, same batch profile) are kept;
@@ -206,7 +206,9 @@ def build_engine(net: E.Network, onnx_path: Path, onnx_sha: str, weights: str, p
         say(f"{net.name} {precision}: {path} is up to date")
         return
     start = time.perf_counter()
-    E.build_trt_engine(onnx_path, path, precision, opts.batch_profile, timing_cache=opts.engines_dir / "timing.cache",
+    timing_cache = E.timing_cache_file(opts.engines_dir, available.gpu_name, available.tensorrt_version)
+    E.manifest_path(path).unlink(missing_ok=True)  # it describes the engine being replaced
+    E.build_trt_engine(onnx_path, path, precision, opts.batch_profile, timing_cache=timing_cache,
                        workspace_gib=opts.workspace_gib)
     built = time.perf_counter() - start
     manifest = E.EngineManifest(
@@ -215,13 +217,18 @@ def build_engine(net: E.Network, onnx_path: Path, onnx_sha: str, weights: str, p
         batch_profile=opts.batch_profile, gpu_name=available.gpu_name,
         compute_capability=available.compute_capability, tensorrt_version=available.tensorrt_version,
     )
-    manifest.save(E.manifest_path(path))
-    err = compare_with_torch(net, E.TensorRTEngine(path, manifest=manifest), batch=opts.batch_profile[1])
     limit = TRT_RTOL[precision]
-    say(f"{net.name} {precision}: built {path.name} ({built:.0f} s); TensorRT vs PyTorch fp32 at batch "
-        f"{opts.batch_profile[1]}: max relative error {err:.2e} (limit {limit:g})")
-    if not err <= limit:
-        raise E.ExportMismatchError(f"{path}: TensorRT {precision} differs from PyTorch by {err:.3g}, above {limit:g}")
+    try:
+        err = compare_with_torch(net, E.TensorRTEngine(path, manifest=manifest), batch=opts.batch_profile[1])
+        say(f"{net.name} {precision}: built {path.name} ({built:.0f} s); TensorRT vs PyTorch fp32 at batch "
+            f"{opts.batch_profile[1]}: max relative error {err:.2e} (limit {limit:g})")
+        if not err <= limit:
+            raise E.ExportMismatchError(f"{path}: TensorRT {precision} differs from PyTorch by {err:.3g}, "
+                                        f"above {limit:g}")
+    except BaseException:
+        path.unlink(missing_ok=True)  # an engine that failed its check must not stay where the app would find it
+        raise
+    manifest.save(E.manifest_path(path))  # last: only a checked engine gets a manifest, and only that is ever used
 
 
 def compare_with_torch(net: E.Network, engine: E.Engine, batch: int) -> float:

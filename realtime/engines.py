@@ -25,6 +25,7 @@ Use (a reconstructor)::
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -162,6 +163,12 @@ class _CapturedGraph:
     outputs: tuple[torch.Tensor, ...]
 
 
+def _on_device(device: torch.device):
+    """Make ``device`` the current CUDA device (what torch's default streams, graph capture and TensorRT's loading
+    use) for a block; nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class TorchEngine(Engine):
     """A PyTorch module as an engine.
 
@@ -233,7 +240,7 @@ class TorchEngine(Engine):
         return tuple(o.float() if o.is_floating_point() else o for o in outputs)
 
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        with torch.inference_mode():
+        with torch.inference_mode(), _on_device(self.device):
             inputs = tuple(self._prepare(x) for x in inputs)
             if self.cuda_graphs:
                 try:
@@ -248,7 +255,7 @@ class TorchEngine(Engine):
 
     def capture(self, *example_inputs: torch.Tensor) -> None:
         """Capture every batch size now (example rows are repeated), so no call pays for a capture later."""
-        with torch.inference_mode():
+        with torch.inference_mode(), _on_device(self.device):
             example = tuple(self._prepare(x[:1]) for x in example_inputs)
             for size in self.batch_sizes:
                 self._graph_for(tuple(x.expand(size, *x.shape[1:]) for x in example), size)
@@ -277,9 +284,18 @@ class TorchEngine(Engine):
                 self._eager(static_inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the pipeline's other threads (the crop stage's uploads) may use CUDA during a capture.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            static_outputs = self._eager(static_inputs)
+        caller = torch.cuda.current_stream(self.device)
+        side.wait_stream(caller)
+        try:
+            # On this engine's own side stream (torch's default capture stream is one per process, made on whichever
+            # device was current first); thread_local: other threads (the crop stage's uploads) may use CUDA meanwhile.
+            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+                static_outputs = self._eager(static_inputs)
+        except RuntimeError:
+            # A failed capture leaves the capture stream current (torch restores it only after a successful end):
+            # the eager fallback must run on the caller's stream, which the caller waits on.
+            torch.cuda.set_stream(caller)
+            raise
         log.debug("engine %s: captured a CUDA graph for batch %d", self.name, size)
         return _CapturedGraph(graph, static_inputs, static_outputs)
 
@@ -677,6 +693,7 @@ class TensorRTEngine(Engine):
         stream: Optional["torch.cuda.Stream"] = None,
         manifest: Optional["EngineManifest"] = None,
         name: Optional[str] = None,
+        device: str | torch.device = "cuda",
     ):
         trt = _import_tensorrt()
         self.path = Path(engine_path)
@@ -685,8 +702,16 @@ class TensorRTEngine(Engine):
         manifest = manifest or load_manifest(manifest_path(self.path))
         self.name = name or manifest.network
         self.precision = manifest.precision
-        self.device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device(device)
+        self.device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         self.stream = stream
+        with _on_device(self.device):  # TensorRT loads onto, and allocates on, the current CUDA device
+            self._load(trt, manifest)
+        # One execution context and one set of buffers: one call at a time, and on the GPU after the previous one.
+        self._lock = threading.Lock()
+        self._last_call: Optional["torch.cuda.Event"] = None
+
+    def _load(self, trt, manifest: "EngineManifest") -> None:
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
@@ -710,9 +735,6 @@ class TensorRTEngine(Engine):
         }
         for n, buf in self._buffers.items():
             self.context.set_tensor_address(n, buf.data_ptr())
-        # One execution context and one set of buffers: one call at a time, and on the GPU after the previous one.
-        self._lock = threading.Lock()
-        self._last_call: Optional["torch.cuda.Event"] = None
 
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         _check_arity(self.name, self.input_names, inputs)
@@ -721,7 +743,7 @@ class TensorRTEngine(Engine):
         caller = torch.cuda.current_stream(self.device)
         stream = self.stream or caller
         stream.wait_stream(caller)  # the inputs may still be being written on the caller's stream
-        with self._lock, torch.cuda.stream(stream):
+        with self._lock, _on_device(self.device), torch.cuda.stream(stream):
             if self._last_call is not None:
                 stream.wait_event(self._last_call)
             for n, x in zip(self.input_names, inputs):
@@ -734,7 +756,10 @@ class TensorRTEngine(Engine):
             outputs = tuple(self._buffers[n][:batch].to(torch.float32, copy=True) for n in self.output_names)
             self._last_call = torch.cuda.Event()
             self._last_call.record(stream)
-        caller.wait_stream(stream)  # a no-op when the caller runs on ``stream`` itself
+        if stream is not caller:
+            caller.wait_stream(stream)
+            for o in outputs:  # made on the engine's stream, used on the caller's: not to be reused before that
+                o.record_stream(caller)
         return outputs
 
 
@@ -774,13 +799,18 @@ def build_trt_engine(
     config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache else None
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is not None and not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("TensorRT did not take the timing cache %s (another GPU or TensorRT version?); measuring "
+                    "tactics afresh", cache_path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_file} (see the TensorRT log above)")
     atomic_write_bytes(engine_file, bytes(serialized))
-    if cache_path:
-        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+    updated = config.get_timing_cache()
+    if cache_path and updated is not None:
+        atomic_write_bytes(cache_path, bytes(updated.serialize()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -791,6 +821,11 @@ def build_trt_engine(
 def slug(text: str) -> str:
     """'NVIDIA H100 80GB HBM3' → 'nvidia-h100-80gb-hbm3' (lowercase, runs of other characters → '-')."""
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.")
+
+
+def timing_cache_file(engines_dir: str | Path, gpu_name: str, tensorrt_version: str) -> Path:
+    """engines/timing-<gpu slug>-trt<version>.cache: tactic timings hold for one GPU model and TensorRT version."""
+    return Path(engines_dir) / f"timing-{slug(gpu_name)}-trt{tensorrt_version}.cache"
 
 
 def onnx_file(engines_dir: str | Path, model: str, network: str) -> Path:
@@ -1193,15 +1228,15 @@ def create_engines(
     mode: str = "coarse",
     batch_sizes: Sequence[int] = (1, 4, 16),
     weights: Optional[Mapping[str, str]] = None,
-    stream: Optional["torch.cuda.Stream"] = None,
     compile: bool = False,
 ) -> dict[str, Engine]:
     """One engine per network for the backend ``select_backend`` chose, by network name.
 
     Each network runs at ``network_precision(name, precision)``. torch: a TorchEngine over the network's
     module (CUDA graphs for ``batch_sizes`` on a GPU; ``torch.compile`` first with ``compile``); onnxruntime:
-    the checked ONNX exports; tensorrt: the first valid engine per network, on ``stream``. ``weights`` (network → ``module_sha256``) re-checks the
-    files against the loaded weights.
+    the checked ONNX exports; tensorrt: the first valid engine per network whose batch profile holds the largest of
+    ``batch_sizes`` (the one ``select_backend`` checked), on the caller's stream. ``weights`` (network →
+    ``module_sha256``) re-checks the files against the loaded weights.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -1210,7 +1245,7 @@ def create_engines(
     if backend == "tensorrt":
         a = probe_availability(device)
         hardware = {"gpu_name": a.gpu_name, "compute_capability": a.compute_capability,
-                    "tensorrt_version": a.tensorrt_version}
+                    "tensorrt_version": a.tensorrt_version, "batch_size": max(batch_sizes)}
     engines: dict[str, Engine] = {}
     for name, net in networks.items():
         net_precision = "fp32" if backend == "onnxruntime" else network_precision(name, precision)
@@ -1222,5 +1257,5 @@ def create_engines(
             path = check_onnx(engines_dir, wanted)
             engines[name] = OnnxRuntimeEngine(path, device, "fp32", max_batch=max(batch_sizes), name=name)
         else:
-            engines[name] = TensorRTEngine(find_engine(engines_dir, wanted), stream, name=name)
+            engines[name] = TensorRTEngine(find_engine(engines_dir, wanted), name=name, device=device)
     return engines

@@ -85,6 +85,39 @@ def test_an_export_that_disagrees_with_pytorch_fails_loudly_and_is_removed(asset
     assert list((tmp_path / MODEL).iterdir()) == []
 
 
+class _FakeTensorRT:
+    """TensorRT's part of build_engines on the CPU: 'engines' are bytes, and their check against PyTorch says `error`."""
+
+    def __init__(self, monkeypatch, error: float):
+        self.error = error
+        gpu = E.Availability(cuda=True, gpu_name="Fake GPU 80GB", compute_capability="9.0", tensorrt_version="10.0.1")
+        monkeypatch.setattr(E, "probe_availability", lambda device="cuda": gpu)
+        monkeypatch.setattr(E, "build_trt_engine", self.build)
+        monkeypatch.setattr(E, "TensorRTEngine", lambda path, manifest=None, **kw: path)
+        monkeypatch.setattr(build_engines, "compare_with_torch", lambda net, engine, batch: self.error)
+        monkeypatch.setattr(torch.nn.Module, "to", lambda module, *a, **kw: module)  # "cuda" on a CPU box
+
+    def build(self, onnx_path, engine_path, precision, batch_profile, timing_cache=None, workspace_gib=4.0):
+        Path(engine_path).write_bytes(b"engine " + precision.encode())
+        Path(timing_cache).write_bytes(b"tactics")
+
+
+def test_an_engine_that_fails_its_check_is_removed_and_a_good_one_is_kept(assets, tmp_path, capsys, monkeypatch):
+    fake = _FakeTensorRT(monkeypatch, error=0.5)  # above fp32's limit
+    rc, _, err = build(capsys, assets, tmp_path, "--networks", "flame", "--precision", "fp32", "--batch", "1,2,4")
+    assert rc == 1 and "TensorRT fp32 differs from PyTorch by 0.5" in err and err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / MODEL).iterdir()) == ["flame.json", "flame.onnx"]  # no engine, no manifest
+
+    fake.error = 1e-5
+    rc, out, _ = build(capsys, assets, tmp_path, "--networks", "flame", "--precision", "fp32", "--batch", "1,2,4")
+    (engine,) = (tmp_path / MODEL).glob("flame-fp32-b1_2_4-fake-gpu-80gb-trt10.0.1.engine")
+    assert rc == 0 and "max relative error 1.00e-05" in out
+    assert E.load_manifest(E.manifest_path(engine)).gpu_name == "Fake GPU 80GB"
+    assert (tmp_path / "timing-fake-gpu-80gb-trt10.0.1.cache").read_bytes() == b"tactics"
+    rc, out, _ = build(capsys, assets, tmp_path, "--networks", "flame", "--precision", "fp32", "--batch", "1,2,4")
+    assert rc == 0 and f"flame fp32: {engine} is up to date" in out
+
+
 @pytest.mark.slow
 def test_every_coarse_network_exports_and_onnx_reproduces_the_model(assets, tmp_path, capsys):
     """All four EMICA networks through ONNX Runtime, chained like emica.py, give the model's own geometry."""
@@ -164,7 +197,8 @@ def test_tensorrt_engines_are_built_and_kept(assets, tmp_path, capsys):
                        "--batch", "1,2,4")
     assert rc == 0
     folder = tmp_path / MODEL
-    assert len(list(folder.glob("*-b1_2_4-*.engine"))) == 4 and (tmp_path / "timing.cache").is_file()
+    # FLAME runs in fp32 whatever is asked (E.network_precision): deca fp32 + fp16, flame fp32.
+    assert len(list(folder.glob("*-b1_2_4-*.engine"))) == 3 and len(list(tmp_path.glob("timing-*-trt*.cache"))) == 1
     rc, out, _ = build(capsys, assets, tmp_path, "--networks", "deca,flame", "--precision", "fp32,fp16",
                        "--batch", "1,2,4")
-    assert rc == 0 and out.count("is up to date") == 6  # 2 ONNX + 4 engines
+    assert rc == 0 and out.count("is up to date") == 5  # 2 ONNX + 3 engines

@@ -478,7 +478,7 @@ def test_cuda_graphs_match_eager_with_padding():
         with torch.no_grad():
             want = net(x)
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
-    assert sorted(k[0] for k in engine._graphs) == [4, 8]  # captured on use: sizes 4 and 8 only
+    assert sorted(k[0] for k in engine._graphs) == [1, 4, 8]  # captured on use; 3 → 4, 7 and 11's rest (3) → 4, 8
 
 
 @pytest.mark.gpu

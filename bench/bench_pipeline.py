@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from bench.common import device_name, parse_size  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
 from realtime.cli import build_parser, config_from_args  # noqa: E402
-from realtime.config import DEFAULT_MODEL  # noqa: E402
+from realtime.config import DEFAULT_MODEL, ModelConfig  # noqa: E402
 from realtime.engines import slug  # noqa: E402
 from realtime.runner import run  # noqa: E402
 
@@ -158,7 +158,7 @@ def synthetic_assets_needed(extra: list[str]) -> str | None:
         return None
     if args.model_name is None:
         return None  # the default falls back to the embedded mesh without assets, as the app does
-    installed = Path(args.assets_dir) / "FaceReconstruction" / "models" / name / "cfg.yaml"
+    installed = Path(ModelConfig().assets_dir) / "FaceReconstruction" / "models" / name / "cfg.yaml"  # no --assets_dir
     return None if installed.is_file() else name
 
 

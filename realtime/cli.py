@@ -37,10 +37,11 @@ def _bool_flag(group, name: str, default: bool, help: str) -> None:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown once: not for flags whose help already says it (booleans: "true", not "True"), nor None."""
+    """Defaults shown once: not for flags whose help already says it (booleans: "true", not "True"), nor None, nor
+    for switches that take no value (--no_audio's default True is --audio's, not the switch's)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or "(default:" in (action.help or ""):
+        if action.default is None or action.nargs == 0 or "(default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -90,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
              "(MediaPipe's own 478-point mesh, needs no download; used automatically when the EMICA assets are absent)",
     )
     md.add_argument("--path_to_models", default=None, help="folder of model folders (default: ASSETS/FaceReconstruction/models)")
-    md.add_argument("--assets_dir", default="assets", help="assets root made by download_assets.sh (FLAME/, MICA/, …)")
+    md.add_argument("--assets_dir", default=None,
+                    help="assets root made by download_assets.sh (FLAME/, MICA/, …) (default: assets; given, its model "
+                         "must be there: no fallback to the MediaPipe mesh)")
     md.add_argument(
         "--mode", choices=MODES, default="coarse",
         help="coarse, or detail (EMOCA/DECA detail branch: UV displacement and detail normals; for EMICA the detail branch "
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output_folder", default=None, help="where results go (default: video_output, or image_output for image folders)")
     out.add_argument("--processed_subfolder", default=None, help="subfolder name under the output folder (default: processed_<date>)")
     _bool_flag(out, "resume", False, "continue an interrupted run in the latest (or --processed_subfolder) folder")
-    _bool_flag(out, "save_video", True, "write the reconstruction video (files and folders)")
+    _bool_flag(out, "save_video", True, "write video_<image_type>.mp4 for a video file (image folders get per-image PNGs; live input: --record)")
     _bool_flag(out, "save_images", True, "per face: geometry.png (inferno layout)")
     _bool_flag(out, "save_codes", False, "per face: FLAME codes as .npy, plus codes.npz per video")
     _bool_flag(out, "save_mesh", False, "per face: mesh_coarse.obj")
@@ -163,9 +166,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     t.device, t.min_confidence = args.tracker_device, args.min_confidence
     t.per_frame = args.per_frame_tracking
     m = cfg.model
-    m.name_given = args.model_name is not None
+    m.name_given = args.model_name is not None or args.assets_dir is not None or args.path_to_models is not None
     m.name = args.model_name or DEFAULT_MODEL
-    m.path_to_models, m.assets_dir, m.mode, m.detail_model = args.path_to_models, args.assets_dir, args.mode, args.detail_model
+    m.path_to_models, m.mode, m.detail_model = args.path_to_models, args.mode, args.detail_model
+    m.assets_dir = args.assets_dir if args.assets_dir is not None else m.assets_dir
     m.device, m.backend, m.precision, m.batch_size = args.device, args.backend, args.precision, args.batch_size
     m.compile = args.compile
     m.engines_dir = args.engines_dir

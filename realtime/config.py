@@ -34,7 +34,7 @@ class TrackingConfig:
 @dataclass
 class ModelConfig:
     name: str = DEFAULT_MODEL
-    name_given: bool = False  # the user asked for this model explicitly (then missing assets are an error)
+    name_given: bool = False  # the user asked for this model explicitly, by name or by its assets' folder (then missing assets are an error)
     path_to_models: Optional[str] = None  # default: <assets_dir>/FaceReconstruction/models
     assets_dir: str = "assets"
     mode: str = "coarse"

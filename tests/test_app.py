@@ -127,6 +127,8 @@ def test_image_folder_outputs(tmp_path):
         (["--input", "x.mp4", "--batch_size", "0"], "--batch_size"),
         (["--input", "realtime/data/carphone_pristine.mp4", "--model_name", "EMICA-CVT_flame2020", "--assets_dir", "/nonexistent"],
          "download_assets.sh"),
+        # A mistyped --assets_dir is an error, not a silent run of the MediaPipe mesh instead of EMICA.
+        (["--input", "realtime/data/carphone_pristine.mp4", "--assets_dir", "/nonexistent_assets"], "/nonexistent_assets"),
         ([], "--input"),
     ],
 )
@@ -159,3 +161,12 @@ def test_detail_mode_without_a_detail_model_is_refused(args, needle):
     proc = subprocess.run([sys.executable, "app.py", "--input", "realtime/data/carphone_pristine.mp4", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_states_each_default_once_in_the_flags_own_terms():
+    from realtime.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())  # argparse wraps lines
+    assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
+    assert "--no_audio same as --audio false --audio_device" in text  # a switch has no default of its own
+    assert "(default: true)" in text and "(default: 8)" in text  # booleans in their own words, numbers as numbers

@@ -141,7 +141,7 @@ def test_deca_cfg_facts_and_unsupported_variants(tmp_path):
 
 
 def test_unknown_model_name_lists_the_known_ones():
-    with pytest.raises(UserError, match="unknown model 'EMICA-XYZ'.*EMICA-CVT_flame2020_notexture.*EMOCA_v2_lr_mse_20"):
+    with pytest.raises(UserError, match="unknown model 'EMICA-XYZ'.*EMICA-CVT_flame2020_notexture.*EMOCA_v2_lr_mse_20.*or mediapipe"):
         model_info("EMICA-XYZ")
 
 

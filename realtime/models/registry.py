@@ -16,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ..config import EMBEDDED_MODEL
 from ..errors import AssetError, UserError
 from .checkpoints import cfg_get, resolve_asset_path
 
@@ -54,7 +55,8 @@ DEFAULT_DETAIL_MODEL = "EMOCA_v2_lr_mse_20"
 def model_info(name: str) -> ModelInfo:
     """The registry entry for ``name``; ``UserError`` listing the known names otherwise."""
     if name not in MODELS:
-        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
+        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}, "
+                        f"or {EMBEDDED_MODEL} (the embedded MediaPipe face mesh, no assets needed)")
     return MODELS[name]
 
 

@@ -54,7 +54,7 @@ log = logging.getLogger("realtime.engines")
 BACKENDS = ("tensorrt", "torch", "onnxruntime")
 PRECISIONS = ("fp32", "fp16")
 MANIFEST_VERSION = 1
-TRT_INSTALL_HINT = "pip install tensorrt (TensorRT 10, from NVIDIA's package index: needs internet access)"
+TRT_INSTALL_HINT = 'pip install "tensorrt>=10,<11" (TensorRT 10, from NVIDIA\'s package index: needs internet access)'
 
 
 class StaleEngineError(AssetError):
@@ -789,6 +789,9 @@ def build_trt_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if precision == "fp16":
+        if not hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 11 builds fp16 only from fp16 graphs (strong typing)
+            raise UserError(f"TensorRT {trt.__version__} has no fp16 builder flag; build with TensorRT 10: "
+                            f"{TRT_INSTALL_HINT}")
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     lo, opt, hi = batch_profile

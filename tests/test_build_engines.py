@@ -46,7 +46,7 @@ def test_flame_export_keep_rebuild_and_refuse(assets, tmp_path, capsys):
     if not HAS_TRT:
         assert without_trt == [f"TensorRT is not installed: stopping after the ONNX exports. To build engines: "
                                f"{E.TRT_INSTALL_HINT}."]
-        assert E.TRT_INSTALL_HINT.startswith("pip install tensorrt")
+        assert E.TRT_INSTALL_HINT.startswith('pip install "tensorrt>=10,<11"')
     manifest = E.load_manifest(tmp_path / MODEL / "flame.json")
     assert manifest.outputs == {"vertices": [-1, 5023, 3], "landmarks2d": [-1, 68, 3], "landmarks3d": [-1, 68, 3],
                                 "landmarks_mediapipe": [-1, 105, 3]}

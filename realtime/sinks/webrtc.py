@@ -741,6 +741,14 @@ class WebRTCSink(Sink):
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no STUN: nothing leaves the network
         viewer = _Viewer(pc, [])
         self._viewers.add(viewer)  # counts against the cap from now on, even while negotiating
+        try:
+            return await self._negotiate(request, offer, viewer)
+        except BaseException:  # a failed or cancelled negotiation must not hold a viewer slot
+            await asyncio.shield(self._drop(viewer))
+            raise
+
+    async def _negotiate(self, request: web.Request, offer, viewer: _Viewer) -> web.Response:
+        pc = viewer.pc
         video = pc.addTransceiver("video", direction="sendonly")
         video.setCodecPreferences(_codec_preferences("video", SUPPORTED_VIDEO))
         audio = None
@@ -755,7 +763,11 @@ class WebRTCSink(Sink):
             return _text(400, f"offer rejected ({type(e).__name__}: {' '.join(str(e).split())})")
 
         codec = negotiated_codec(pc.localDescription.sdp, "video")
-        family = next(m for m in SUPPORTED_VIDEO if m.lower() == (codec or "").lower())
+        family = next((m for m in SUPPORTED_VIDEO if m.lower() == (codec or "").lower()), None)
+        if family is None:
+            await self._drop(viewer)
+            return _text(400, f"offer rejected: no video codec in common (this server sends "
+                              f"{', '.join(m.split('/')[1] for m in SUPPORTED_VIDEO)})")
         viewer.tracks.append(PacketTrack("video", self._video_fanouts[family]))
         video.sender.replaceTrack(viewer.tracks[-1])
         if audio is not None:

@@ -118,6 +118,7 @@ class ResilientSource(Source):
         self._recovered_at: float | None = None  # first frame after the outage, until a second one confirms it
         self._last_image: np.ndarray | None = None  # last good picture, under the banner
         self._banner: np.ndarray | None = None  # this outage's "no signal" picture
+        self._reader_error: BaseException | None = None  # the capture thread died of a bug (not an input failure)
         self._index = 0
         self._last_pts = float("-inf")
         self._last_emit = time.monotonic()
@@ -133,6 +134,10 @@ class ResilientSource(Source):
         period = 1.0 / self.fps
         with self._cond:
             while not self._closed.is_set():
+                if self._reader_error is not None:
+                    # Showing "no signal" forever would hide it: the run ends with the error instead.
+                    raise RuntimeError(f"{self.description}: the capture thread failed: "
+                                       f"{type(self._reader_error).__name__}: {self._reader_error}") from self._reader_error
                 now = time.monotonic()
                 if self._latest is not None:
                     frame, self._latest = self._latest, None
@@ -202,6 +207,11 @@ class ResilientSource(Source):
                     delays = backoff_delays(*self._backoff)  # it worked for a while: start over at 0.5 s
                 with self._cond:
                     self._mark_lost(reason)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            log.debug("%s: capture thread failed", self.description, exc_info=True)
+            with self._cond:
+                self._reader_error = exc
+                self._cond.notify_all()
         finally:
             if source is not None:
                 source.close()

@@ -219,6 +219,16 @@ def test_read_error_is_the_reason_given_and_no_signal_before_any_frame_is_grey(c
     np.testing.assert_array_equal(frames[0].image, no_signal_image(None, 48, 64))
 
 
+def test_a_bug_in_the_capture_thread_ends_the_run_instead_of_no_signal_forever():
+    # Not an input failure (those reconnect): a programming error must surface, not hide behind the banner.
+    source = ResilientSource(Script(dict(frames=5, error=ZeroDivisionError("division by zero"))))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="capture thread failed: ZeroDivisionError: division by zero"):
+        collect(source, lambda got: False)
+    assert time.monotonic() - started < 2.0
+    source.close()
+
+
 def test_frames_of_another_size_after_a_reconnect_keep_the_first_size():
     script = Script(dict(level=200, frames=3), dict(level=60, size=(128, 96)))
     source = ResilientSource(script, backoff_start=0.05)

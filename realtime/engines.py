@@ -637,7 +637,7 @@ class OnnxRuntimeEngine(Engine):
         """CUDA: bind torch tensors' device memory as ORT's inputs and outputs."""
         batch = inputs[0].shape[0]
         binding = self.session.io_binding()
-        device_id = self.device.index or 0
+        device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         inputs = tuple(x.to(self.device, torch.float32).contiguous() for x in inputs)
         for n, x in zip(self.input_names, inputs):
             binding.bind_input(n, "cuda", device_id, np.float32, list(x.shape), x.data_ptr())

@@ -220,6 +220,8 @@ def test_gpu_reconstructor_matches_the_cpu_one(synthetic_assets, tmp_path, ident
         model = ModelReconstructor(cfg, identity_cache=identity_cache)
         results = [FrameResult(frame=Frame(index=i, pts=i / 30, image=image), faces=faces) for i in range(3)]
         model.reconstruct(results)
+        if device == "cuda":  # the graphed path ran, not a silent eager fallback
+            assert model.decoder.cuda_graphs and model.decoder._graphs
         return [rec for r in results for rec in r.reconstructions]
 
     cpu, gpu = run("cpu"), run("cuda")

@@ -610,7 +610,9 @@ class OnnxRuntimeEngine(Engine):
                 raise UserError("this onnxruntime has no CUDA provider: "
                                 "pip uninstall onnxruntime && pip install onnxruntime-gpu")
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            provider_options = [{"device_id": self.device.index or 0}, {}]
+            self.device = torch.device("cuda", self.device.index if self.device.index is not None
+                                       else torch.cuda.current_device())
+            provider_options = [{"device_id": self.device.index}, {}]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # The networks run one after another, each in its own session: spinning worker threads of the
@@ -637,7 +639,7 @@ class OnnxRuntimeEngine(Engine):
         """CUDA: bind torch tensors' device memory as ORT's inputs and outputs."""
         batch = inputs[0].shape[0]
         binding = self.session.io_binding()
-        device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        device_id = self.device.index
         inputs = tuple(x.to(self.device, torch.float32).contiguous() for x in inputs)
         for n, x in zip(self.input_names, inputs):
             binding.bind_input(n, "cuda", device_id, np.float32, list(x.shape), x.data_ptr())

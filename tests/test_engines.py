@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -360,7 +361,7 @@ def test_auto_picks_tensorrt_with_valid_engines(tmp_path, caplog):
 def test_auto_falls_back_to_torch_and_says_why(tmp_path):
     make_manifest(tmp_path / "EMICA-X")
     backend, reason = select(tmp_path, "auto", "cuda:0", GPU_NO_TRT)
-    assert backend == "torch" and "TensorRT is not installed: pip install tensorrt" in reason
+    assert backend == "torch" and 'TensorRT is not installed: pip install "tensorrt>=10,<11"' in reason
     assert "CUDA graphs" in reason
     backend, reason = select(tmp_path, "auto", "cuda:0", GPU_TRT, batch_size=64)
     assert backend == "torch" and "batch 64 is outside its batch profile" in reason
@@ -400,7 +401,7 @@ def test_module_sha256_follows_weights_and_buffers():
 
 
 def test_explicit_requests_that_cannot_be_met_say_how_to_fix(tmp_path):
-    with pytest.raises(UserError, match="TensorRT is not installed: pip install tensorrt"):
+    with pytest.raises(UserError, match=re.escape('TensorRT is not installed: pip install "tensorrt>=10,<11"')):
         select(tmp_path, "tensorrt", "cuda:0", GPU_NO_TRT)
     with pytest.raises(UserError, match="TensorRT needs a CUDA GPU: use --device cuda:0"):
         select(tmp_path, "tensorrt", "cpu", E.Availability(cuda=False, tensorrt_version="10.3.0"))

@@ -282,3 +282,40 @@ def test_image_of_the_wrong_size_is_refused(tmp_path, carphone_frames):
     with Recorder(tmp_path / "x.mp4", FPS, 64, 64) as rec:
         with pytest.raises(ValueError, match="64x64"):
             rec.write(FrameResult(frame=carphone_frames[0]))
+
+
+def test_variable_frame_rate_keeps_every_frame_in_place_and_in_sync(tmp_path):
+    """5 s at 60 fps then 10 s at 15 fps, recorded at the nominal 30 fps (a phone video): every frame
+    comes out at its own pts, and a flash in the picture still lines up with a click in the sound."""
+    pts = [i / 60 for i in range(300)] + [5 + i / 15 for i in range(150)]
+    flashes = (299, 375)  # at 4.983 s and 10.0 s: the old 1/fps clock put them at ~9.9 s and ~12.4 s
+    rate = 48000
+    sound = np.zeros(15 * rate, np.float32)
+    for i in flashes:
+        start = round(pts[i] * rate)
+        sound[start : start + rate // 20] = 0.5 * np.sin(np.arange(rate // 20) * 2 * np.pi * 1000 / rate)
+    chunks = [AudioChunk(s / rate, rate, sound[s : s + 1024, None]) for s in range(0, len(sound), 1024)]
+    frames, c = [], 0
+    for i, t in enumerate(pts):
+        end = pts[i + 1] if i + 1 < len(pts) else float("inf")
+        audio = []
+        while c < len(chunks) and chunks[c].pts < end:
+            audio.append(chunks[c])
+            c += 1
+        frames.append(Frame(i, t, np.full((48, 64, 3), 255 if i in flashes else 16, np.uint8), audio))
+    out = tmp_path / "vfr.mp4"
+    record(out, frames, fps=30, audio_rate=rate, audio_channels=1)
+    got = decode(out)
+    assert len(got["video_pts"]) == 450
+    assert got["video_pts"] == pytest.approx(pts, abs=1e-3)
+    assert got["video_duration"] == pytest.approx(15.0, abs=0.05)
+    assert float(got["rate"]) == pytest.approx(30, abs=0.5)  # 450 frames in 15 s
+    bright = [t for t, img in zip(got["video_pts"], got["images"]) if img.mean() > 128]
+    audio = np.abs(got["audio"][:, 0])
+    onsets, s = [], 0
+    while (hits := np.flatnonzero(audio[s:] > 0.1)).size:
+        onsets.append((s + hits[0]) / rate)
+        s += hits[0] + rate // 4
+    assert len(bright) == len(onsets) == 2
+    assert bright == pytest.approx(onsets, abs=0.003)
+    assert bright == pytest.approx([pts[i] for i in flashes], abs=1e-3)

@@ -1,10 +1,11 @@
 """Record results to a video file with PyAV: H.264 video plus AAC audio, muxed in sync.
 
-Timing follows the source: a frame with ``pts`` seconds goes out at ``round(pts * fps)`` in a
-``1/fps`` time base, and audio samples go where their chunk's ``pts`` says, so a file processed end to
-end keeps its frame count, duration and lip sync. The file is written under a hidden temp name next
-to the target and renamed on :meth:`Recorder.close`, so an interrupted run never leaves a
-half-written file under the final name.
+Timing follows the source: a frame with ``pts`` seconds goes out at that time on a fine clock (at
+least 90 kHz, on which every nominal frame is a whole number of ticks), and audio samples go where
+their chunk's ``pts`` says, so a file processed end to end keeps its frame count, duration and lip
+sync, and variable-frame-rate input (phones, cameras that run fast) keeps every frame where it was.
+The file is written under a hidden temp name next to the target and renamed on
+:meth:`Recorder.close`, so an interrupted run never leaves a half-written file under the final name.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def as_frame_rate(fps: float | Fraction) -> Fraction:
     if rate <= 0:
         raise MediaError(f"recorder frame rate must be positive, got {fps}")
     return rate
+
+
+def video_time_base(fps: Fraction) -> Fraction:
+    """1/n with n the smallest multiple of ``fps``'s numerator that is at least 90000 (the usual
+    video clock): fine enough to place any frame within ~11 µs of its pts, while a nominal frame is
+    still a whole number of ticks (30000/1001 fps → 1/90000, 3003 ticks; 24000/1001 → 1/96000)."""
+    return Fraction(1, fps.numerator * -(-90000 // fps.numerator))
 
 
 def nvenc_usable() -> bool:
@@ -187,8 +195,9 @@ class Recorder(Sink):
     Args:
         path: output file; ``.mp4``/``.m4v``/``.mov``/``.mkv``. Missing folders are created and an
             existing file is replaced on :meth:`close`.
-        fps: the source frame rate; the video time base is ``1/fps`` (``Fraction(30000, 1001)`` or
-            ``29.97`` for NTSC).
+        fps: the source's nominal frame rate (``Fraction(30000, 1001)`` or ``29.97`` for NTSC): the
+            stream's stated rate and the last frame's duration. Frames are placed by their own pts, so
+            input that strays from it (variable frame rate) keeps its timing.
         width, height: size of the images that will be written. Odd sizes are padded to even by
             repeating the last row/column (H.264 4:2:0 needs even sizes); nothing is cropped.
         audio_rate, audio_channels: give both to record audio (AAC); chunks of another rate or
@@ -214,6 +223,8 @@ class Recorder(Sink):
     ):
         self.path = Path(path)
         self.fps = as_frame_rate(fps)
+        self.time_base = video_time_base(self.fps)
+        self._frame_ticks = int(1 / (self.fps * self.time_base))  # one nominal frame, exactly
         self.width, self.height = int(width), int(height)
         fmt = CONTAINER_FORMATS.get(self.path.suffix.lower())
         if fmt is None:
@@ -278,7 +289,7 @@ class Recorder(Sink):
         stream.width = self.width + self.width % 2
         stream.height = self.height + self.height % 2
         stream.pix_fmt = pix_fmt
-        stream.codec_context.time_base = 1 / self.fps
+        stream.codec_context.time_base = self.time_base
         if pix_fmt.startswith("yuv"):
             # Tag what swscale's RGB→YUV conversion does (BT.601, limited range) so players undo it
             # exactly; untagged HD video is often assumed BT.709 and comes out with shifted colours.
@@ -299,8 +310,8 @@ class Recorder(Sink):
         self._container.mux(stream.encode(frame))
 
     def _video_pts(self, seconds: float) -> int:
-        pts = round(seconds * self.fps)
-        # Live clocks can round two frames onto one tick; the muxer needs strictly rising pts.
+        pts = round(seconds / self.time_base)
+        # Only frames closer than one tick (~11 µs) collide; the muxer needs strictly rising pts.
         if self._last_pts is not None and pts <= self._last_pts:
             pts = self._last_pts + 1
         self._last_pts = pts
@@ -314,7 +325,9 @@ class Recorder(Sink):
             )
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pad_to_even(image)), format="rgb24")
         frame.pts = self._video_pts(seconds)
-        frame.time_base = 1 / self.fps
+        frame.time_base = self.time_base
+        # Where the next frame lands is unknown here; the nominal duration gives the last frame its length.
+        frame.duration = self._frame_ticks
         self._mux(self._video, frame)
 
     def _encode_audio(self, chunks: list[AudioChunk]) -> None:

@@ -319,3 +319,23 @@ def test_variable_frame_rate_keeps_every_frame_in_place_and_in_sync(tmp_path):
     assert len(bright) == len(onsets) == 2
     assert bright == pytest.approx(onsets, abs=0.003)
     assert bright == pytest.approx([pts[i] for i in flashes], abs=1e-3)
+
+
+def test_ctrl_c_while_closing_leaves_no_temp_and_keeps_the_old_file(tmp_path, monkeypatch, carphone_frames):
+    out = tmp_path / "take.mp4"
+    out.write_bytes(b"last week's recording")
+    rec = Recorder(out, FPS, 176, 144)
+    for frame in carphone_frames[:5]:
+        rec.write(FrameResult(frame=frame))
+    mux = Recorder._mux
+
+    def interrupted_flush(self, stream, frame):
+        if frame is None:  # draining the encoder: where a second Ctrl-C lands while the file is finished
+            raise KeyboardInterrupt
+        mux(self, stream, frame)
+
+    monkeypatch.setattr(Recorder, "_mux", interrupted_flush)
+    with pytest.raises(KeyboardInterrupt):
+        rec.close()
+    assert list(tmp_path.iterdir()) == [out]
+    assert out.read_bytes() == b"last week's recording"

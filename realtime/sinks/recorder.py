@@ -352,6 +352,14 @@ class Recorder(Sink):
             raise MediaError(f"cannot write {self.path}: {e}") from e
         self.frames_written += 1
 
+    def _remove_temp(self) -> None:
+        """Delete the temp file without raising, so the error that led here is the one reported."""
+        try:
+            discard(self._temp)
+        except OSError as e:
+            if os.path.lexists(self._temp):  # e.g. EROFS for a temp that was never created: nothing to say
+                log.warning("could not remove the unfinished recording %s: %s", self._temp, e.strerror or e)
+
     def close(self) -> None:
         """Flush the encoders, finish the file and move it to its final name (once)."""
         if self._closed:
@@ -366,11 +374,15 @@ class Recorder(Sink):
                 self._mux(self._video, None)
             finally:
                 self._container.close()  # writes the trailer (the mp4 index)
-        except (av.FFmpegError, OSError) as e:
-            discard(self._temp)
-            raise MediaError(f"cannot finish {self.path}: {e}") from e
+        except BaseException as e:
+            # Ctrl-C too: a file whose encoders were not drained would lack its last frames, so it is
+            # dropped (an older file under the final name is left as it was) and the error goes on.
+            self._remove_temp()
+            if isinstance(e, (av.FFmpegError, OSError)):
+                raise MediaError(f"cannot finish {self.path}: {e}") from e
+            raise
         if self.frames_written == 0:
-            discard(self._temp)
+            self._remove_temp()
             log.warning("no frames were recorded; %s was not created", self.path)
             return
         commit(self._temp, self.path)

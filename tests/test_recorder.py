@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -339,3 +341,60 @@ def test_ctrl_c_while_closing_leaves_no_temp_and_keeps_the_old_file(tmp_path, mo
         rec.close()
     assert list(tmp_path.iterdir()) == [out]
     assert out.read_bytes() == b"last week's recording"
+
+
+def _refuse_writes_in(monkeypatch, folder: Path, err: int, unlink_too: bool = False) -> None:
+    """Make creating files in ``folder`` fail with ``err`` (as root, chmod would not bite)."""
+    real_open, real_unlink = os.open, os.unlink
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if Path(path).parent == folder and flags & os.O_CREAT:
+            raise OSError(err, os.strerror(err), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def refusing_unlink(path, *args, **kwargs):
+        if Path(path).parent == folder:
+            raise OSError(err, os.strerror(err), str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    if unlink_too:
+        monkeypatch.setattr(os, "unlink", refusing_unlink)
+
+
+def test_read_only_folder_is_one_line_naming_the_folder(tmp_path, monkeypatch):
+    # On a read-only file system even removing a file that is not there fails (EROFS, not ENOENT).
+    _refuse_writes_in(monkeypatch, tmp_path, errno.EROFS, unlink_too=True)
+    with pytest.raises(MediaError) as info:
+        Recorder(tmp_path / "take.mp4", FPS, 176, 144)
+    message = str(info.value)
+    assert message.startswith(f"cannot write {tmp_path}: read-only file system; choose another --record path")
+    assert "\n" not in message and "codec" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cleanup_that_fails_does_not_hide_the_real_error(tmp_path, monkeypatch):
+    real_unlink = os.unlink
+
+    def failing_unlink(path, *args, **kwargs):
+        if Path(path).parent == tmp_path:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", failing_unlink)
+    with pytest.raises(MediaError, match="preset warp9"):
+        Recorder(tmp_path / "take.mp4", FPS, 176, 144, preset="warp9")
+
+
+@pytest.mark.parametrize("err", [errno.EACCES, errno.EPERM])
+def test_unwritable_folder_is_blamed_not_the_codec(tmp_path, monkeypatch, err):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    _refuse_writes_in(monkeypatch, folder, err)
+    with pytest.raises(MediaError) as info:
+        Recorder(folder / "take.mp4", FPS, 176, 144)
+    message = str(info.value)
+    assert message.startswith(f"cannot write {folder}: the folder is not writable ({os.strerror(err)})")
+    assert "choose another --record path" in message and "take.mp4" in message
+    assert "codec" not in message and "libx264" not in message
+    assert list(folder.iterdir()) == []

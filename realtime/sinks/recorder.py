@@ -10,6 +10,7 @@ The file is written under a hidden temp name next to the target and renamed on
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from fractions import Fraction
@@ -68,6 +69,17 @@ def video_time_base(fps: Fraction) -> Fraction:
     video clock): fine enough to place any frame within ~11 µs of its pts, while a nominal frame is
     still a whole number of ticks (30000/1001 fps → 1/90000, 3003 ticks; 24000/1001 → 1/96000)."""
     return Fraction(1, fps.numerator * -(-90000 // fps.numerator))
+
+
+# Errors of the file rather than the encoder (FFmpeg's own open reports EPERM/EACCES/EROFS too).
+_FILE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOENT,
+                errno.ENOTDIR, errno.EISDIR}
+
+
+def _is_file_error(e: BaseException) -> bool:
+    # PyAV names a failed encoder open "avcodec_open2(...)"; that is the codec's fault whatever its errno.
+    return (isinstance(e, OSError) and e.errno in _FILE_ERRNOS
+            and not str(getattr(e, "filename", None) or "").startswith("avcodec_open2"))
 
 
 def nvenc_usable() -> bool:
@@ -246,33 +258,52 @@ class Recorder(Sink):
         self._last_pts: int | None = None
         self._closed = False
         self._warned_audio = False
+        self._temp = temp_sibling(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Created here rather than by FFmpeg (which opens it only after the encoders), so a folder
+            # that cannot be written is reported as such, before any encoder is blamed.
+            os.close(os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except OSError as e:
-            raise MediaError(f"cannot record to {self.path}: {e.strerror or e}") from e
-        self._temp = temp_sibling(self.path)
+            raise MediaError(self._cannot_write(e)) from e
         try:
             # faststart moves the mp4 index to the front on close, so players can start at once.
             options = {"movflags": "+faststart"} if fmt in ("mp4", "mov") else {}
             self._container = av.open(str(self._temp), "w", format=fmt, options=options)
-        except (av.FFmpegError, OSError) as e:
-            raise MediaError(f"cannot record to {self.path}: {e}") from e
-        try:
-            self._video = self._add_video(crf, preset, pix_fmt)
-            self._audio = self._add_audio(audio_rate, audio_channels) if audio_rate else None
-            self._container.start_encoding()  # opens the encoders: frame_size is known after this
-        except (av.FFmpegError, ValueError) as e:
-            self._container.close()
-            discard(self._temp)
-            raise MediaError(
-                f"cannot record to {self.path} with codec {self.codec_name} (crf {crf}, preset {preset}, "
-                f"pix_fmt {pix_fmt}): {e}; check these settings or use codec libx264"
-            ) from e
+            try:
+                self._video = self._add_video(crf, preset, pix_fmt)
+                self._audio = self._add_audio(audio_rate, audio_channels) if audio_rate else None
+                self._container.start_encoding()  # opens the encoders: frame_size is known after this
+            except BaseException:
+                self._container.close()
+                raise
+        except BaseException as e:
+            self._remove_temp()  # never raises: the user hears about e, not about the cleanup
+            if _is_file_error(e):
+                raise MediaError(self._cannot_write(e)) from e
+            if isinstance(e, (av.FFmpegError, ValueError)):
+                raise MediaError(
+                    f"cannot record to {self.path} with codec {self.codec_name} (crf {crf}, preset {preset}, "
+                    f"pix_fmt {pix_fmt}): {e}; check these settings or use codec libx264"
+                ) from e
+            raise
         self._audio_track = None
         if self._audio is not None:
             ctx = self._audio.codec_context
             small_last = bool(ctx.codec.capabilities & av.codec.Capabilities.small_last_frame)
             self._audio_track = _AudioTrack(ctx.sample_rate, ctx.layout.name, ctx.frame_size, not small_last)
+
+    def _cannot_write(self, e: OSError) -> str:
+        """One line for a file-system error: it names the folder and how to get round it."""
+        folder = self.path.absolute().parent
+        fix = f"choose another --record path or --output_folder (recording {self.path.name})"
+        if e.errno == errno.EROFS:
+            return f"cannot write {folder}: read-only file system; {fix}"
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return f"cannot write {folder}: the folder is not writable ({e.strerror}); {fix}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"cannot write {folder}: {e.strerror}; free some space or {fix}"
+        return f"cannot record to {self.path}: {e.strerror or e}"
 
     def _add_video(self, crf: int, preset: str, pix_fmt: str) -> av.VideoStream:
         # No B-frames: frames leave the encoder as they arrive (lower live latency), and files from an

@@ -398,3 +398,34 @@ def test_unwritable_folder_is_blamed_not_the_codec(tmp_path, monkeypatch, err):
     assert "choose another --record path" in message and "take.mp4" in message
     assert "codec" not in message and "libx264" not in message
     assert list(folder.iterdir()) == []
+
+
+def test_a_folder_in_the_way_of_the_final_name_is_one_line_and_leaves_no_temp(tmp_path, carphone_frames):
+    out = tmp_path / "take.mp4"
+    rec = Recorder(out, FPS, 176, 144)
+    for frame in carphone_frames[:5]:
+        rec.write(FrameResult(frame=frame))
+    out.mkdir()  # made while the run was going: the rename onto it fails
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(MediaError) as info:
+        rec.close()
+    message = str(info.value)
+    assert message.startswith(f"cannot save {out}: a folder has that name")
+    assert "\n" not in message and "not saved" in message
+    assert list(tmp_path.iterdir()) == [out]
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_rename_that_is_refused_is_one_line_and_leaves_no_temp(tmp_path, monkeypatch, carphone_frames):
+    out = tmp_path / "take.mp4"
+    rec = Recorder(out, FPS, 176, 144)
+    rec.write(FrameResult(frame=carphone_frames[0]))
+
+    def refused(src, dst):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(MediaError, match=f"cannot write {tmp_path}: the folder is not writable") as info:
+        rec.close()
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []

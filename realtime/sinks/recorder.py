@@ -293,7 +293,7 @@ class Recorder(Sink):
             small_last = bool(ctx.codec.capabilities & av.codec.Capabilities.small_last_frame)
             self._audio_track = _AudioTrack(ctx.sample_rate, ctx.layout.name, ctx.frame_size, not small_last)
 
-    def _cannot_write(self, e: OSError) -> str:
+    def _cannot_write(self, e: OSError, action: str = "record to") -> str:
         """One line for a file-system error: it names the folder and how to get round it."""
         folder = self.path.absolute().parent
         fix = f"choose another --record path or --output_folder (recording {self.path.name})"
@@ -303,7 +303,9 @@ class Recorder(Sink):
             return f"cannot write {folder}: the folder is not writable ({e.strerror}); {fix}"
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return f"cannot write {folder}: {e.strerror}; free some space or {fix}"
-        return f"cannot record to {self.path}: {e.strerror or e}"
+        if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST) and self.path.is_dir():
+            return f"cannot {action} {self.path}: a folder has that name; move it away or {fix}"
+        return f"cannot {action} {self.path}: {e.strerror or e}"
 
     def _add_video(self, crf: int, preset: str, pix_fmt: str) -> av.VideoStream:
         # No B-frames: frames leave the encoder as they arrive (lower live latency), and files from an
@@ -416,4 +418,11 @@ class Recorder(Sink):
             self._remove_temp()
             log.warning("no frames were recorded; %s was not created", self.path)
             return
-        commit(self._temp, self.path)
+        try:
+            commit(self._temp, self.path)
+        except BaseException as e:
+            # A temp that cannot take its final name is of no use to anyone: remove it, say why in one line.
+            self._remove_temp()
+            if isinstance(e, OSError):
+                raise MediaError(self._cannot_write(e, "save") + "; the recording was not saved") from e
+            raise

@@ -411,7 +411,7 @@ def test_a_folder_in_the_way_of_the_final_name_is_one_line_and_leaves_no_temp(tm
         rec.close()
     message = str(info.value)
     assert message.startswith(f"cannot save {out}: a folder has that name")
-    assert "\n" not in message and "not saved" in message
+    assert "\n" not in message and "(take.mp4 was not saved)" in message
     assert list(tmp_path.iterdir()) == [out]
     assert (out / "notes.txt").read_text() == "keep me"
 

@@ -293,10 +293,10 @@ class Recorder(Sink):
             small_last = bool(ctx.codec.capabilities & av.codec.Capabilities.small_last_frame)
             self._audio_track = _AudioTrack(ctx.sample_rate, ctx.layout.name, ctx.frame_size, not small_last)
 
-    def _cannot_write(self, e: OSError, action: str = "record to") -> str:
+    def _cannot_write(self, e: OSError, action: str = "record to", note: str = "recording {name}") -> str:
         """One line for a file-system error: it names the folder and how to get round it."""
         folder = self.path.absolute().parent
-        fix = f"choose another --record path or --output_folder (recording {self.path.name})"
+        fix = f"choose another --record path or --output_folder ({note.format(name=self.path.name)})"
         if e.errno == errno.EROFS:
             return f"cannot write {folder}: read-only file system; {fix}"
         if e.errno in (errno.EACCES, errno.EPERM):
@@ -424,5 +424,5 @@ class Recorder(Sink):
             # A temp that cannot take its final name is of no use to anyone: remove it, say why in one line.
             self._remove_temp()
             if isinstance(e, OSError):
-                raise MediaError(self._cannot_write(e, "save") + "; the recording was not saved") from e
+                raise MediaError(self._cannot_write(e, "save", "{name} was not saved")) from e
             raise

@@ -213,6 +213,39 @@ class ResultsWriter(Sink):
 
     add = write  # the name issue 7 gives it; `write` is the Sink interface
 
+    def resume(self, before_frame: int) -> None:
+        """Continue an interrupted run (``--resume``): keep the rows of the file already at ``path`` for
+        frames < ``before_frame``, so that ``close()`` writes every frame's rows, not only this run's.
+
+        Raises:
+            UserError: the earlier file is missing or unreadable (the earlier frames' rows would be lost).
+        """
+        if self._rows:
+            raise ValueError("resume() comes before the first write()")
+        start_over = f"to start over, run without --resume into another --processed_subfolder, or delete {self.path.parent}"
+        if not self.path.is_file():
+            raise UserError(f"cannot resume: {self.path} is missing, so the rows of frames 0-{before_frame - 1} "
+                            f"are gone; {start_over}")
+        try:
+            data = load_results(self.path)
+        except MediaError as err:
+            raise UserError(f"cannot resume: {err}; {start_over}") from err
+        fixed = {f.name for f in self._fields()}
+        names = [k for k in data if k not in ("schema", "version", "model_name", "fps", "blendshape_names")]
+        for i in np.flatnonzero(data["frame_index"] < before_frame):
+            row: dict[str, Any] = {}
+            for name in names:
+                value = data[name][i]
+                if name in fixed:
+                    row[name] = value.item() if np.ndim(value) == 0 else value
+                # An optional field is absent from a row where the file holds its filler ("" or all NaN).
+                elif name == "name":
+                    if str(value):
+                        row[name] = str(value)
+                elif not np.isnan(value).all():
+                    row[name] = value
+            self._rows.append(row)
+
     def close(self) -> None:
         """Write the file (once; later calls do nothing)."""
         if self._closed:

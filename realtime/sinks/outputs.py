@@ -35,7 +35,7 @@ import numpy as np
 
 from realtime.atomic import atomic_write_bytes, save_npy, save_npz, save_png
 from realtime.crop import warp_affine
-from realtime.errors import MediaError
+from realtime.errors import MediaError, UserError
 from realtime.sinks import Sink
 from realtime.types import Frame, FrameResult, Reconstruction
 
@@ -212,10 +212,23 @@ class FrameOutputs(Sink):
             atomic_write_bytes(folder / "mesh_coarse.obj", obj, fsync=False)
 
     def resume(self, before_frame: int) -> None:
-        """Continue an interrupted run: keep its ``codes.npz`` rows for frames < ``before_frame``."""
+        """Continue an interrupted run: keep its ``codes.npz`` rows for frames < ``before_frame``.
+
+        Raises:
+            UserError: with ``save_codes``, the earlier ``codes.npz`` is missing or unreadable (the earlier
+                frames' rows would be lost from the new one).
+        """
+        if not self.save_codes:
+            return
         previous = self.outfolder / "codes.npz"
-        if self.save_codes and previous.is_file():
+        start_over = f"to start over, run without --resume into another --processed_subfolder, or delete {self.outfolder}"
+        if not previous.is_file():
+            raise UserError(f"cannot resume: {previous} is missing, so the codes of frames 0-{before_frame - 1} are "
+                            f"gone; {start_over}")
+        try:
             self._table.load(previous, before_frame)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot resume: {previous} is damaged ({e}); {start_over}") from e
 
     def write(self, result: FrameResult) -> None:
         """Write the outputs of every reconstructed face in ``result``."""

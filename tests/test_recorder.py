@@ -429,3 +429,19 @@ def test_a_rename_that_is_refused_is_one_line_and_leaves_no_temp(tmp_path, monke
         rec.close()
     assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_finishing_is_one_line_and_leaves_no_temp(tmp_path, monkeypatch, carphone_frames):
+    out = tmp_path / "take.mp4"
+    rec = Recorder(out, FPS, 176, 144)
+    rec.write(FrameResult(frame=carphone_frames[0]))
+
+    def disk_full(self, stream, frame):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Recorder, "_mux", disk_full)
+    with pytest.raises(MediaError) as info:
+        rec.close()
+    assert str(info.value).startswith(f"cannot write {tmp_path}: No space left on device; free some space")
+    assert "(take.mp4 was not saved)" in str(info.value)
+    assert list(tmp_path.iterdir()) == []

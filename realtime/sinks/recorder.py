@@ -10,6 +10,7 @@ The file is written under a hidden temp name next to the target and renamed on
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -275,7 +276,8 @@ class Recorder(Sink):
                 self._audio = self._add_audio(audio_rate, audio_channels) if audio_rate else None
                 self._container.start_encoding()  # opens the encoders: frame_size is known after this
             except BaseException:
-                self._container.close()
+                with contextlib.suppress(av.FFmpegError, OSError):  # the first error is the one to report
+                    self._container.close()
                 raise
         except BaseException as e:
             self._remove_temp()  # never raises: the user hears about e, not about the cleanup
@@ -411,6 +413,8 @@ class Recorder(Sink):
             # Ctrl-C too: a file whose encoders were not drained would lack its last frames, so it is
             # dropped (an older file under the final name is left as it was) and the error goes on.
             self._remove_temp()
+            if _is_file_error(e):  # e.g. the disk filled up while the index was written
+                raise MediaError(self._cannot_write(e, "finish", "{name} was not saved")) from e
             if isinstance(e, (av.FFmpegError, OSError)):
                 raise MediaError(f"cannot finish {self.path}: {e}") from e
             raise

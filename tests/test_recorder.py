@@ -232,13 +232,16 @@ def test_no_frames_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_live_pts_that_round_onto_one_tick_still_give_every_frame(tmp_path, carphone_frames):
-    jittery = [Frame(i, i * 0.030, f.image) for i, f in enumerate(carphone_frames[:30])]  # 33 fps clock into 30 fps
+def test_live_pts_that_run_fast_or_repeat_still_give_every_frame_in_place(tmp_path, carphone_frames):
+    times = [i * 0.030 for i in range(30)]  # a 33 fps camera that says 30 fps
+    times[11] = times[10]  # and a clock that stamped two frames alike
+    live = [Frame(i, t, f.image) for i, (t, f) in enumerate(zip(times, carphone_frames))]
     out = tmp_path / "live.mp4"
-    record(out, jittery, fps=30)
+    record(out, live, fps=30)
     pts = decode(out)["video_pts"]
     assert len(pts) == 30
     assert all(b > a for a, b in zip(pts, pts[1:]))
+    assert pts == pytest.approx(times, abs=1e-3)  # the repeat moves on by one tick only, nothing drifts
 
 
 def test_auto_codec_falls_back_to_libx264(tmp_path, monkeypatch, carphone_frames):

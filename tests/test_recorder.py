@@ -74,6 +74,7 @@ def decode(path: Path) -> dict:
         info = {"streams": [s.type for s in container.streams]}
         v = container.streams.video[0]
         info["rate"] = v.average_rate
+        info["header_rate"] = v.codec_context.framerate  # what the H.264 stream header says
         info["video_duration"] = float(v.duration * v.time_base)
         info["size"] = (v.codec_context.width, v.codec_context.height)
         info["codec"] = v.codec_context.name
@@ -118,6 +119,7 @@ def test_120_frames_keep_count_rate_and_duration(tmp_path, carphone_frames):
     assert got["codec"] == "h264"
     assert len(got["video_pts"]) == 120
     assert got["rate"] == FPS
+    assert got["header_rate"] == FPS  # not the 90 kHz clock the frames are placed on
     assert got["video_duration"] == pytest.approx(120 * 1001 / 30000, abs=1e-3)
     assert got["video_pts"] == pytest.approx([f.pts for f in carphone_frames], abs=1e-4)
     # crf 18: the pictures survive (mean abs error of a few grey levels)
@@ -315,6 +317,7 @@ def test_variable_frame_rate_keeps_every_frame_in_place_and_in_sync(tmp_path):
     assert got["video_pts"] == pytest.approx(pts, abs=1e-3)
     assert got["video_duration"] == pytest.approx(15.0, abs=0.05)
     assert float(got["rate"]) == pytest.approx(30, abs=0.5)  # 450 frames in 15 s
+    assert got["header_rate"] == 30  # the nominal rate
     bright = [t for t, img in zip(got["video_pts"], got["images"]) if img.mean() > 128]
     audio = np.abs(got["audio"][:, 0])
     onsets, s = [], 0

@@ -315,7 +315,9 @@ class Recorder(Sink):
         if self.codec_name == "h264_nvenc":
             options = {"preset": _NVENC_PRESETS.get(preset, preset), "rc": "vbr", "cq": str(crf), "bf": "0"}
         else:
-            options = {"crf": str(crf), "preset": preset, "bf": "0"}
+            # force-cfr: x264 otherwise writes the fine time base into the stream header as the frame rate
+            # (90000 fps to tools that read it); the frames keep their own pts all the same.
+            options = {"crf": str(crf), "preset": preset, "bf": "0", "x264-params": "force-cfr=1"}
         stream = self._container.add_stream(self.codec_name, rate=self.fps, options=options)
         if self.codec_name == "libx264":
             # x264's frame threads, not PyAV's default slice threads: 19% more frames/s on 2 cores at 2562x480,

@@ -10,12 +10,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from .config import RunConfig
 from .errors import UserError
 from .pipeline import Pipeline, PipelineResult
 from .types import FrameResult
+
+if TYPE_CHECKING:
+    from .resume import Resume
 
 log = logging.getLogger("realtime")
 
@@ -28,6 +31,7 @@ class RunSummary:
     outputs: dict[str, Path] = field(default_factory=dict)
     model: str = ""
     signalled: bool = False  # stopped by SIGINT/SIGTERM (outputs finalised); the CLI exits 130
+    signal_number: Optional[int] = None  # which one: the conventional exit status is 128 + it (130, 143)
 
 
 # -- stages -----------------------------------------------------------------------------------
@@ -208,21 +212,65 @@ def tracker_workers(requested: Optional[int], cores: int) -> int:
     return max(1, cores - max(2, cores // 4))
 
 
-def _processed_folder(cfg: RunConfig, base: Path) -> Path:
+PROCESSED_FORMAT = "processed_%Y_%b_%d_%H-%M-%S"  # inferno's folder names
+
+
+def _processed_folder(cfg: RunConfig, base: Path, stem: str, model_name: str) -> Path:
     o = cfg.output
     if o.processed_subfolder:
         return base / o.processed_subfolder
     if o.resume:
-        previous = sorted(p for p in base.glob("processed_*") if p.is_dir())
-        if previous:
-            return previous[-1]
-    return base / time.strftime("processed_%Y_%b_%d_%H-%M-%S")
+        from .resume import PROGRESS_FILE
+
+        # The latest folder holding a run of this input, by the time in its name (as text, Jan sorts after Feb).
+        runs = [p for p in base.glob("processed_*") if (p / stem / "results" / model_name / PROGRESS_FILE).is_file()]
+        if runs:
+            return max(runs, key=_started_at)
+    return base / time.strftime(PROCESSED_FORMAT)
+
+
+def _started_at(folder: Path) -> tuple[float, str]:
+    try:
+        return time.mktime(time.strptime(folder.name, PROCESSED_FORMAT)), folder.name
+    except ValueError:
+        return folder.stat().st_mtime, folder.name  # a name of the user's own: when it last changed
+
+
+def resume_settings(cfg: RunConfig) -> dict:
+    """The flags that shape a video's outputs, as `{flag: value}`: progress.json records them and a --resume
+    with other values is refused (the joined video and files would mix two kinds of output)."""
+    c, o, t, m = cfg.compose, cfg.output, cfg.tracking, cfg.model
+    settings = {
+        "--image_type": c.image_type, "--include_original": c.include_original, "--include_rec": c.include_rec,
+        "--include_transparent": c.include_transparent, "--black_background": c.black_background,
+        "--use_mask": c.use_mask, "--cat_dim": c.cat_dim,
+        "--save_video": o.save_video, "--save_images": o.save_images, "--save_codes": o.save_codes,
+        "--save_mesh": o.save_mesh, "--export": o.export, "--audio": o.audio, "--smoothing": o.smoothing,
+        "--num_faces": t.num_faces, "--scale": t.scale, "--image_size": t.image_size,
+        "--min_confidence": t.min_confidence, "--per_frame_tracking": t.per_frame,
+        "--identity_cache": m.identity_cache, "--identity_refresh": m.identity_refresh, "--mode": m.mode,
+    }
+    if m.mode == "detail":
+        settings["--detail_model"] = m.detail_model
+    return settings
+
+
+def _video_size(cfg: RunConfig, source) -> tuple[int, int]:
+    """(width, height) of the composed panels: the recorder's frame size before padding to even."""
+    from .compose import ComposeOptions, panel_shape
+
+    c = cfg.compose
+    ph, pw = panel_shape(source.height, source.width, ComposeOptions(
+        include_original=c.include_original, include_rec=c.include_rec,
+        include_transparent=c.include_transparent, cat_dim=c.cat_dim))
+    return pw, ph
 
 
 # -- run --------------------------------------------------------------------------------------
 
 def run(cfg: RunConfig) -> RunSummary:
     from .reconstruct import create_reconstructor
+    from .resume import Resume
     from .sources import DEFAULT_FPS, ImageFolderSource, VideoFileSource, open_source
 
     source = open_source(cfg.input, live=True if cfg.realtime else None)
@@ -236,7 +284,11 @@ def run(cfg: RunConfig) -> RunSummary:
         raise UserError(f"--smoothing lookahead needs a video: the images of folder {cfg.input} are separate photos; "
                         "use --smoothing off")
     from_device = live and not isinstance(source, (VideoFileSource, ImageFolderSource))  # camera or stream: sound from the mic
-    reconstructor = create_reconstructor(cfg, live=live, stable_tracks=not is_folder)
+    try:
+        reconstructor = create_reconstructor(cfg, live=live, stable_tracks=not is_folder)
+    except BaseException:
+        source.close()
+        raise
     model_name = reconstructor.name
     log.info("input: %s | model: %s", source.description, model_name)
 
@@ -244,18 +296,29 @@ def run(cfg: RunConfig) -> RunSummary:
     outputs: dict[str, Path] = {}
     resume = None
     if not live:
-        base = Path(o.output_folder or ("image_output" if is_folder else "video_output"))
-        outfolder = base / model_name if is_folder else _processed_folder(cfg, base) / Path(cfg.input).stem / "results" / model_name
-        _make_folder(outfolder)
-        outputs["folder"] = outfolder
-        if o.save_video and not is_folder:
-            outputs["video"] = outfolder / f"video_{cfg.compose.image_type}.mp4"
-        if not is_folder:
-            resume = _Resume(outfolder, cfg.input, outputs.get("video"), enabled=o.resume)
-            if resume.already_complete:
-                source.close()
-                print(f"nothing to do: {outfolder} is complete (progress.json); delete it to run again")
-                return RunSummary(ok=True, frames=0, result=PipelineResult(), outputs=outputs, model=model_name)
+        try:
+            base = Path(o.output_folder or ("image_output" if is_folder else "video_output"))
+            stem = Path(cfg.input).stem
+            outfolder = base / model_name if is_folder else _processed_folder(cfg, base, stem, model_name) / stem / "results" / model_name
+            _make_folder(outfolder)
+            outputs["folder"] = outfolder
+            if o.save_video and not is_folder:
+                outputs["video"] = outfolder / f"video_{cfg.compose.image_type}.mp4"
+            if not is_folder:
+                # Checks only: nothing in the folder changes before the pipeline has run.
+                width, height = _video_size(cfg, source)
+                resume = Resume(outfolder, cfg.input, outputs.get("video"), enabled=o.resume,
+                                settings=resume_settings(cfg), frame_size=(width + width % 2, height + height % 2))
+        except BaseException:
+            source.close()
+            raise
+        if resume is not None and resume.already_complete:
+            source.close()
+            print(f"nothing to do: {outfolder} is complete (progress.json); delete it to run again")
+            return RunSummary(ok=True, frames=0, result=PipelineResult(), outputs=outputs, model=model_name)
+        if resume is not None and resume.resuming and o.smoothing == "on":
+            log.warning("--smoothing on: the filter starts afresh at frame %d, so about a second after it can differ "
+                        "slightly from an uninterrupted run", resume.frames_done)
     elif o.export:
         # Live motion capture: the session's parameters in one results file, written when it ends.
         folder = _new_session_folder(Path(o.output_folder or "live_output"))
@@ -269,9 +332,13 @@ def run(cfg: RunConfig) -> RunSummary:
     microphone = None
     feed = None
     parallel = None
+    pipeline = None
     result = PipelineResult()
+    delivered = 0  # frames handed to every sink (read in `finally`, also after a second Ctrl-C)
     run_logger = create_logger(cfg.logger)
     run_logger.log_config(cfg)
+    signals = _Signals()
+    signals.install()
     try:
         if from_device and o.audio and ("video" in outputs or o.webrtc):
             from .audio import MicrophoneCapture
@@ -302,16 +369,21 @@ def run(cfg: RunConfig) -> RunSummary:
                   *([ComposeStage(cfg)] if panels else [])]
         progress = _progress_bar(cfg, source, live)
         window = next((s for s in sinks if hasattr(s, "should_quit")), None)
-        delivered = 0
         started = time.perf_counter()
 
+        broken = False  # a delivery failed part-way: some sinks have that frame, others not
+
         def deliver(item: FrameResult) -> None:
-            nonlocal delivered
-            if item.replay:
-                return
+            nonlocal delivered, broken
+            if item.replay or broken:
+                return  # after a partial delivery, a later frame would leave a gap in some outputs
             t0 = time.perf_counter()
-            for sink in sinks:
-                sink.write(item)
+            try:
+                for sink in sinks:
+                    sink.write(item)
+            except BaseException:
+                broken = True
+                raise
             item.timings["sinks"] = (time.perf_counter() - t0) * 1000.0
             delivered += 1
             run_logger.log_frame_stats(delivered, item.timings, delivered / max(time.perf_counter() - started, 1e-9))
@@ -326,31 +398,51 @@ def run(cfg: RunConfig) -> RunSummary:
         else:
             pipeline = Pipeline(feed, stages, live=live, batch_size=cfg.model.batch_size, on_result=deliver,
                                 stats_every=5.0 if (cfg.stats and live) else None)
-        with _stop_on_signals(pipeline) as signals:
-            result = pipeline.run()
-        result.frames_out = delivered
+        signals.running(pipeline)
+        result = pipeline.run()
         if progress is not None:
             progress.close()
     finally:
-        if parallel is not None:
-            parallel.close()
-        if microphone is not None:
-            microphone.stop()
-        for sink in sinks:
-            try:
-                sink.close()
-            except Exception as err:  # noqa: BLE001 - close the rest first, then report it
-                log.error("closing %s failed: %s", getattr(sink, "name", type(sink).__name__), err)
-                if result.error is None:
-                    result.error = err  # an output that could not be finalised makes the run fail
-        source.close()
-        if resume is not None and feed is not None:
-            # Only what every output holds counts as done: a background sink may have failed on a delivered frame.
-            written = min([result.frames_out] + [s.written for s in sinks if hasattr(s, "written")])
-            resume.finish(frames=written, complete=feed.exhausted and result.error is None)
-        if outputs.get("video") is not None and outputs["video"].is_file() and result.error is None:
-            run_logger.log_video(outputs["video"])
-        run_logger.finish(exit_code=0 if result.error is None else 1)
+        signals.finishing()  # from here on a signal only gets a note: the outputs are being finalised
+        try:
+            result.frames_out = delivered
+            failed: list[BaseException] = []
+
+            def attempt(what: str, action) -> bool:
+                try:
+                    action()
+                    return True
+                except BaseException as err:  # noqa: BLE001 - finish the rest first, then report it
+                    log.error("%s failed: %s", what, err)
+                    failed.append(err)
+                    if result.error is None and isinstance(err, Exception):
+                        result.error = err  # an output that could not be finalised makes the run fail
+                    return False
+
+            if parallel is not None:
+                attempt("stopping the tracker processes", parallel.close)
+            if microphone is not None:
+                attempt("stopping the microphone", microphone.stop)
+            # Every sink is closed, whatever the others do. One that writes its file on close (the results file)
+            # and failed holds none of this run's frames; a background sink counts what reached its file itself.
+            finalised = True
+            for sink in sinks:
+                if not attempt(f"closing {getattr(sink, 'name', type(sink).__name__)}", sink.close):
+                    finalised = finalised and hasattr(sink, "written")
+            attempt("closing the input", source.close)
+            if resume is not None and feed is not None:
+                # Only what every output holds counts as done: a background sink may have failed on a delivered frame.
+                written = min([delivered] + [s.written for s in sinks if hasattr(s, "written")]) if finalised else 0
+                attempt("recording the progress", lambda: resume.finish(frames=written,
+                                                                         complete=feed.exhausted and result.error is None))
+            if outputs.get("video") is not None and outputs["video"].is_file() and result.error is None:
+                attempt("logging the video", lambda: run_logger.log_video(outputs["video"]))
+            attempt("finishing the run log", lambda: run_logger.finish(exit_code=0 if result.error is None else 1))
+            uncaught = next((e for e in failed if not isinstance(e, Exception)), None)
+            if uncaught is not None:
+                raise uncaught
+        finally:
+            signals.restore()
 
     if result.error is not None:
         raise result.error
@@ -359,12 +451,15 @@ def run(cfg: RunConfig) -> RunSummary:
     where = outputs.get("video") or outputs.get("folder") or outputs.get("export")
     note = ""
     if resume is not None and not resume.complete:
-        note = f" (stopped after frame {resume.frames_done}; continue with --resume)"
+        if o.smoothing == "lookahead":  # --resume refuses it (the first frames would lack earlier neighbours)
+            note = f" (stopped after frame {resume.frames_done}; a --smoothing lookahead run cannot be resumed)"
+        else:
+            note = f" (stopped after frame {resume.frames_done}; continue with --resume)"
     print(f"{result.frames_out} frames at {result.fps:.1f} fps{note}" + (f" → {where}" if where else ""))
     if result.dropped:
         print(f"dropped {result.dropped} frames to stay live")
     return RunSummary(ok=True, frames=result.frames_out, result=result, outputs=outputs, model=model_name,
-                      signalled=signals.received)
+                      signalled=signals.received is not None, signal_number=signals.received)
 
 
 def _lookahead_pipeline(feed: FrameFeed, stages: list, reconstructor, fps: float, batch_size: int, deliver):
@@ -409,28 +504,50 @@ def _make_folder(folder: Path) -> None:
         raise UserError(f"cannot create output folder {folder}: {err.strerror}; choose another --output_folder") from err
 
 
-def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: str, resume: Optional["_Resume"],
+def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: str, resume: Optional["Resume"],
                  microphone: bool) -> list:
-    from .compose import ComposeOptions, panel_shape
+    """The run's sinks; if one cannot be made, those already made are closed (no temp file is left behind)."""
+    sinks: list = []
+    try:
+        _add_sinks(sinks, cfg, source, outputs, model_name, resume, microphone)
+    except BaseException:
+        for sink in reversed(sinks):
+            try:
+                sink.close()
+            except Exception as err:  # noqa: BLE001 - the error that stopped the start-up is the one to report
+                log.debug("closing %s after a failed start: %s", getattr(sink, "name", type(sink).__name__), err)
+        raise
+    return sinks
+
+
+def _add_sinks(sinks: list, cfg: RunConfig, source, outputs: dict[str, Path], model_name: str,
+               resume: Optional["Resume"], microphone: bool) -> None:
     from .sinks.background import BackgroundSink
     from .sources import DEFAULT_FPS
 
-    o, sinks = cfg.output, []
+    o = cfg.output
+    resuming = resume is not None and resume.resuming
     if "folder" in outputs and (o.save_images or o.save_codes or o.save_mesh):
         from .sinks.outputs import FrameOutputs
 
         frame_outputs = FrameOutputs(outputs["folder"], save_images=o.save_images, save_codes=o.save_codes,
                                      save_mesh=o.save_mesh, render_crop=lambda rec: rec.crop_image)
-        if resume is not None and resume.frames_done:
+        if resuming:
             frame_outputs.resume(resume.frames_done)
         sinks.append(BackgroundSink(frame_outputs, name="per-frame outputs"))
+    if o.export and "folder" in outputs:
+        outputs["export"] = outputs["folder"] / f"results.{o.export}"
+    if "export" in outputs:
+        from .export import ResultsWriter
+
+        writer = ResultsWriter(outputs["export"], fmt=o.export, model_name=model_name, fps=source.fps or 0.0)
+        if resuming:
+            writer.resume(resume.frames_done)  # the earlier frames' rows, so the file holds every frame
+        sinks.append(writer)
     if "video" in outputs:
         from .sinks.recorder import Recorder
 
-        c = cfg.compose
-        ph, pw = panel_shape(source.height, source.width, ComposeOptions(
-            include_original=c.include_original, include_rec=c.include_rec,
-            include_transparent=c.include_transparent, cat_dim=c.cat_dim))
+        pw, ph = _video_size(cfg, source)
         if microphone:
             audio_rate, channels = 48000, 1
         elif o.audio and source.audio_rate:
@@ -457,46 +574,6 @@ def _build_sinks(cfg: RunConfig, source, outputs: dict[str, Path], model_name: s
         from .sinks.params_stream import ParamStreamSink
 
         sinks.append(ParamStreamSink(o.stream_params, model_name=model_name, allow_remote=o.stream_remote))
-    if o.export and "folder" in outputs:
-        outputs["export"] = outputs["folder"] / f"results.{o.export}"
-    if "export" in outputs:
-        from .export import ResultsWriter
-
-        sinks.append(ResultsWriter(outputs["export"], fmt=o.export, model_name=model_name, fps=source.fps or 0.0))
-    return sinks
-
-
-class _Resume:
-    """progress.json bookkeeping for one video's results folder (see realtime.resume)."""
-
-    def __init__(self, folder: Path, input_path: str, video: Optional[Path], enabled: bool):
-        from .resume import Progress
-
-        self.folder, self.input, self.video = folder, str(Path(input_path).resolve()), video
-        previous = Progress.load(folder) if enabled else None
-        if previous is not None and previous.input != self.input:
-            raise UserError(f"cannot resume in {folder}: it holds results of {previous.input}, not {self.input}; "
-                            "pass another --processed_subfolder")
-        self.already_complete = previous is not None and previous.complete
-        self.frames_done = previous.frames_done if previous is not None else 0
-        self.complete = False
-        self.previous_video = self.recording_path = video
-        if video is not None and self.frames_done and not self.already_complete:
-            # What the earlier run wrote moves aside; this run records the rest; finish() joins them.
-            self.previous_video = video.with_name(video.stem + ".previous.mp4")
-            self.recording_path = video.with_name(video.stem + ".resumed.mp4")
-            if video.exists():
-                os.replace(video, self.previous_video)
-            log.info("resuming %s after frame %d", folder, self.frames_done)
-
-    def finish(self, frames: int, complete: bool) -> None:
-        from .resume import Progress, replace_with_join
-
-        if self.video is not None and self.recording_path != self.video:
-            replace_with_join(self.previous_video, self.recording_path, self.video)
-        self.frames_done += frames
-        self.complete = complete
-        Progress(input=self.input, frames_done=self.frames_done, complete=complete).save(self.folder)
 
 
 def _progress_bar(cfg: RunConfig, source, live: bool):
@@ -510,28 +587,45 @@ def _progress_bar(cfg: RunConfig, source, live: bool):
     return tqdm(total=total, unit="frame", dynamic_ncols=True, leave=False)
 
 
-class _stop_on_signals:
-    """First SIGINT/SIGTERM: finish the frames in flight and finalise outputs. Second: stop at once."""
+class _Signals:
+    """SIGINT/SIGTERM for the whole run, from start-up to the last file finalised.
 
-    def __init__(self, pipeline: Pipeline):
-        self.pipeline = pipeline
+    Starting up: abort (KeyboardInterrupt; nothing is written yet). Running: the first signal finishes the
+    frames in flight and finalises the outputs, a second stops at once (KeyboardInterrupt). Finishing (closing
+    the outputs, joining a resumed video): a signal is only noted, so no output is left half-closed.
+    """
+
+    def __init__(self):
+        self.pipeline: Optional[Pipeline] = None
         self.previous: dict[int, object] = {}
-        self.received = False
+        self.received: Optional[int] = None  # the first signal's number
+        self.phase = "starting"
 
     def _handler(self, signum, frame):
-        if self.received:
+        if self.phase == "finishing":
+            log.warning("finishing the outputs; please wait")
+            return
+        first = self.received is None
+        if first:
+            self.received = signum
+        if self.phase == "starting" or not first:
             raise KeyboardInterrupt
-        self.received = True
         log.warning("stopping: finishing the current frames and closing the outputs (press Ctrl-C again to abort)")
         self.pipeline.stop()
 
-    def __enter__(self):
+    def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handler)
-        return self
 
-    def __exit__(self, *exc):
+    def running(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.phase = "running"
+
+    def finishing(self) -> None:
+        self.phase = "finishing"
+
+    def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        return False
+        self.previous.clear()

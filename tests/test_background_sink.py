@@ -87,3 +87,20 @@ def test_an_error_on_the_last_result_is_raised_by_close():
     with pytest.raises(OSError):
         sink.close()
     assert inner.closed == 1 and sink.written == 4
+
+
+def test_a_sink_whose_close_fails_has_written_nothing():
+    """An encoder flush or codes.npz that failed on close: none of the results is finalised, so none counts."""
+
+    class FailingClose(SlowSink):
+        def close(self) -> None:
+            super().close()
+            raise OSError(28, "No space left on device")
+
+    inner = FailingClose()
+    sink = BackgroundSink(inner)
+    for i in range(5):
+        sink.write(result(i))
+    with pytest.raises(OSError, match="No space left"):
+        sink.close()
+    assert inner.indices == list(range(5)) and inner.closed == 1 and sink.written == 0

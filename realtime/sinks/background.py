@@ -22,6 +22,8 @@ class BackgroundSink(Sink):
 
     The first error the worker meets is raised by the next ``write`` (later results are then not written)
     or by ``close``, which still closes ``sink`` so its files are finalised or discarded as the sink decides.
+    ``written`` counts the results in the sink's output: those it took without an error, or 0 once its
+    ``close`` failed (then nothing it took was finalised).
     """
 
     def __init__(self, sink: Sink, depth: int = 8, name: Optional[str] = None):
@@ -32,7 +34,7 @@ class BackgroundSink(Sink):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: Optional[BaseException] = None
         self._closed = False
-        self.written = 0  # results the sink took without an error
+        self.written = 0  # results the sink took without an error (0 if its close failed)
         self._thread = threading.Thread(target=self._work, name=f"sink:{self.name}", daemon=True)
         self._thread.start()
 
@@ -66,5 +68,10 @@ class BackgroundSink(Sink):
         self._thread.join()
         try:
             self.sink.close()
-        finally:
-            self._raise()
+        except BaseException:
+            # Its file was not finalised (an encoder flush or codes.npz that failed): none of what it took is
+            # safely written, so --resume must redo it all.
+            self.written = 0
+            self._raise()  # the first error is the one to report
+            raise
+        self._raise()

@@ -35,6 +35,8 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -188,6 +190,11 @@ def _track_chunk(path: str, settings: _TrackerSettings, chunk: _Chunk, results, 
 
 def _worker_main(path: str, settings: _TrackerSettings, tasks, results, stop, parent_pid: int) -> None:
     """A tracker process: take chunks until told to stop or orphaned; a failure is posted, then the process ends."""
+    # A terminal's Ctrl-C goes to the whole process group: the parent decides what it means and stops the workers
+    # through `stop`; a KeyboardInterrupt here would be posted as a tracking failure. SIGINT was blocked while this
+    # process started (see ParallelTracker), so one that came before this point is discarded here too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         while not _stopping(stop, parent_pid):
             try:
@@ -315,8 +322,17 @@ class ParallelTracker:
             for i in range(workers)
         ]
         try:
-            for process in self._processes:
-                process.start()
+            # Children inherit the signal mask: blocked, a Ctrl-C cannot interrupt a worker before it ignores SIGINT
+            # (_worker_main); here it is delivered when unblocked. (CPython starts its resource tracker this way.)
+            blocked = threading.current_thread() is threading.main_thread()
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                for process in self._processes:
+                    process.start()
+            finally:
+                if blocked:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             self._hand_out()
         except BaseException:
             self.close()

@@ -206,6 +206,51 @@ def test_a_worker_that_dies_is_reported_and_the_rest_are_stopped(carphone_path):
     assert_gone(pids)
 
 
+def test_ctrl_c_reaching_the_workers_is_left_to_the_parent(carphone_path):
+    """A terminal's Ctrl-C goes to the whole process group: the workers must neither die nor report it as a
+    tracking failure; the parent decides (it stops them through close())."""
+    tracker = ParallelTracker(carphone_path, workers=2, chunk=10)
+    pids = tracker.pids
+    for pid in pids:
+        os.kill(pid, signal.SIGINT)  # while they start up (importing MediaPipe)
+    frames = iter(tracker)
+    try:
+        seen = [next(frames).index]
+        for pid in pids:
+            os.kill(pid, signal.SIGINT)  # while they track
+        seen += [t.index for t in frames]
+    except BaseException as err:  # noqa: BLE001 - a KeyboardInterrupt from a worker would end the test session
+        pytest.fail(f"a worker's Ctrl-C ended the tracking: {err!r}")
+    assert seen == list(range(CARPHONE_FRAMES))
+    assert_gone(pids)
+
+
+def test_ctrl_c_in_a_terminal_finishes_a_parallel_run_cleanly(tmp_path, carphone_path):
+    """The app with tracker processes, Ctrl-C sent to its whole process group as a terminal does."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "app.py", "--input", str(carphone_path), "--output_folder", str(out), "--model_name",
+           "mediapipe", "--num_workers", "2", "--progress", "false"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("processed_*/*/results/mediapipe/0000*_000"))) < 20 and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    (folder,) = out.glob("processed_*/*/results/mediapipe")
+    progress = json.loads((folder / "progress.json").read_text())
+    if progress["complete"]:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130 and "Traceback" not in err and "error" not in err.lower(), err
+    with av.open(str(folder / "video_geometry.mp4")) as video:
+        assert sum(1 for _ in video.decode(video=0)) == progress["frames_done"] >= 20
+
+
 def test_bad_inputs_are_one_line_user_errors(tmp_path, carphone_path):
     with pytest.raises(MediaError, match="not found.*missing.mp4"):
         ParallelTracker(tmp_path / "missing.mp4")

@@ -587,11 +587,19 @@ def _progress_bar(cfg: RunConfig, source, live: bool):
     return tqdm(total=total, unit="frame", dynamic_ncols=True, leave=False)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Raised by a signal during start-up, or a second one while running; says which (exit status 128 + it)."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
 class _Signals:
     """SIGINT/SIGTERM for the whole run, from start-up to the last file finalised.
 
-    Starting up: abort (KeyboardInterrupt; nothing is written yet). Running: the first signal finishes the
-    frames in flight and finalises the outputs, a second stops at once (KeyboardInterrupt). Finishing (closing
+    Starting up: abort (Interrupted, a KeyboardInterrupt; nothing is written yet). Running: the first signal
+    finishes the frames in flight and finalises the outputs, a second stops at once (Interrupted). Finishing (closing
     the outputs, joining a resumed video): a signal is only noted, so no output is left half-closed.
     """
 
@@ -609,7 +617,7 @@ class _Signals:
         if first:
             self.received = signum
         if self.phase == "starting" or not first:
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         log.warning("stopping: finishing the current frames and closing the outputs (press Ctrl-C again to abort)")
         self.pipeline.stop()
 

@@ -216,17 +216,24 @@ PROCESSED_FORMAT = "processed_%Y_%b_%d_%H-%M-%S"  # inferno's folder names
 
 
 def _processed_folder(cfg: RunConfig, base: Path, stem: str, model_name: str) -> Path:
+    from .resume import PROGRESS_FILE
+
     o = cfg.output
     if o.processed_subfolder:
         return base / o.processed_subfolder
-    if o.resume:
-        from .resume import PROGRESS_FILE
 
+    def holds_run(folder: Path) -> bool:
+        return (folder / stem / "results" / model_name / PROGRESS_FILE).is_file()
+
+    if o.resume:
         # The latest folder holding a run of this input, by the time in its name (as text, Jan sorts after Feb).
-        runs = [p for p in base.glob("processed_*") if (p / stem / "results" / model_name / PROGRESS_FILE).is_file()]
+        runs = [p for p in base.glob("processed_*") if holds_run(p)]
         if runs:
             return max(runs, key=_started_at)
-    return base / time.strftime(PROCESSED_FORMAT)
+    # A new run never joins one of the same input started in the same second: the next free second's name.
+    now = time.time()
+    return next(folder for k in range(3600)
+                if not holds_run(folder := base / time.strftime(PROCESSED_FORMAT, time.localtime(now + k))))
 
 
 def _started_at(folder: Path) -> tuple[float, str]:

@@ -414,3 +414,15 @@ def test_resume_with_causal_smoothing_warns_that_the_filter_restarts(tmp_path, c
     assert main([*run, "--resume", "--max_frames", "5"]) == 0
     (line,) = [r.getMessage() for r in caplog.records if "filter starts afresh" in r.getMessage()]
     assert "frame 10" in line
+
+
+def test_two_runs_of_a_video_in_the_same_second_get_folders_of_their_own(tmp_path, carphone_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(time, "time", lambda: 1_750_000_000.0)  # both runs start at the same second
+    run = ["--input", str(carphone_path), "--output_folder", str(out), *ARGS, "--max_frames", "3"]
+    assert main(run) == 0
+    assert main(run) == 0
+    names = sorted(p.parents[2].name for p in out.glob("processed_*/*/results/mediapipe"))
+    assert len(names) == 2
+    assert all(json.loads((p / "progress.json").read_text())["frames_done"] == 3
+               for p in out.glob("processed_*/*/results/mediapipe"))

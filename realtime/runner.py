@@ -314,7 +314,8 @@ def run(cfg: RunConfig) -> RunSummary:
             if not is_folder:
                 # Checks only: nothing in the folder changes before the pipeline has run.
                 width, height = _video_size(cfg, source)
-                resume = Resume(outfolder, cfg.input, outputs.get("video"), enabled=o.resume,
+                video = Path(o.record) if o.record else outputs.get("video")  # what the recorder will write
+                resume = Resume(outfolder, cfg.input, video, enabled=o.resume,
                                 settings=resume_settings(cfg), frame_size=(width + width % 2, height + height % 2))
         except BaseException:
             source.close()
@@ -561,7 +562,7 @@ def _add_sinks(sinks: list, cfg: RunConfig, source, outputs: dict[str, Path], mo
             audio_rate, channels = source.audio_rate, source.audio_channels
         else:
             audio_rate, channels = None, None
-        path = resume.recording_path if resume is not None and not o.record else outputs["video"]
+        path = resume.recording_path if resume is not None else outputs["video"]
         # "auto": h264_nvenc where an NVIDIA GPU is usable (encoding off the CPU), else libx264.
         recorder = Recorder(path, fps=source.fps or DEFAULT_FPS, width=pw, height=ph,
                             audio_rate=audio_rate, audio_channels=channels, codec="auto")

@@ -426,3 +426,12 @@ def test_two_runs_of_a_video_in_the_same_second_get_folders_of_their_own(tmp_pat
     assert len(names) == 2
     assert all(json.loads((p / "progress.json").read_text())["frames_done"] == 3
                for p in out.glob("processed_*/*/results/mediapipe"))
+
+
+def test_resume_continues_a_record_path_too(tmp_path, carphone_path):
+    out, take = tmp_path / "out", tmp_path / "take.mp4"
+    run = ["--input", str(carphone_path), "--output_folder", str(out), *ARGS, "--record", str(take)]
+    assert main([*run, "--max_frames", "25"]) == 0
+    assert len(_frames(take)) == 25
+    assert main([*run, "--resume"]) == 0
+    assert len(_frames(take)) == 120

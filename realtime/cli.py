@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -203,9 +204,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(err, "signal_number", signal.SIGINT)  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
     if summary.signalled:
-        return 130  # interrupted, with everything done so far finalised
+        return 128 + (summary.signal_number or signal.SIGINT)  # stopped, with everything done so far finalised
     return 0 if summary.ok else 1

@@ -398,6 +398,13 @@ def test_sigterm_is_reported_as_sigterm(tmp_path, carphone_path):
     assert json.loads((_results(out) / "progress.json").read_text())["frames_done"] == summary.frames < 120
 
 
+def test_sigterm_exits_143_and_ctrl_c_130(tmp_path, carphone_path):
+    for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        out = tmp_path / sig.name
+        _signal_after(out, 10, sig)
+        assert main(["--input", str(carphone_path), "--output_folder", str(out), *ARGS]) == status
+
+
 def test_lookahead_run_stopped_early_does_not_advise_resume(tmp_path, carphone_path, capsys):
     out = tmp_path / "out"
     assert main(["--input", str(carphone_path), "--output_folder", str(out), "--max_frames", "10",

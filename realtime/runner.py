@@ -565,7 +565,8 @@ def _add_sinks(sinks: list, cfg: RunConfig, source, outputs: dict[str, Path], mo
         path = resume.recording_path if resume is not None else outputs["video"]
         # "auto": h264_nvenc where an NVIDIA GPU is usable (encoding off the CPU), else libx264.
         recorder = Recorder(path, fps=source.fps or DEFAULT_FPS, width=pw, height=ph,
-                            audio_rate=audio_rate, audio_channels=channels, codec="auto")
+                            audio_rate=audio_rate, audio_channels=channels, codec="auto",
+                            known_as=outputs["video"], chosen_with="--record path" if o.record else "--output_folder")
         sinks.append(BackgroundSink(recorder, name=f"recorder ({path.name})"))
     if o.show:
         from .sinks.window import WindowSink

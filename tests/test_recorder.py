@@ -379,6 +379,15 @@ def test_read_only_folder_is_one_line_naming_the_folder(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_resumed_part_is_named_as_the_video_the_user_knows(tmp_path, monkeypatch):
+    # --resume records into video_geometry.resumed.mp4 and joins it on; the user asked for video_geometry.mp4.
+    _refuse_writes_in(monkeypatch, tmp_path, errno.EACCES)
+    with pytest.raises(MediaError) as info:
+        Recorder(tmp_path / "video_geometry.resumed.mp4", FPS, 176, 144, known_as=tmp_path / "video_geometry.mp4",
+                 chosen_with="--output_folder")
+    assert str(info.value).endswith("; choose another --output_folder (recording video_geometry.mp4)")
+
+
 def test_a_cleanup_that_fails_does_not_hide_the_real_error(tmp_path, monkeypatch):
     real_unlink = os.unlink
 

@@ -219,6 +219,8 @@ class Recorder(Sink):
             usable, else ``libx264``.
         crf: quality (libx264 CRF; NVENC's constant-quality ``cq``). preset: libx264 speed preset
             (mapped onto NVENC's p1–p7). pix_fmt: the encoded pixel format.
+        known_as, chosen_with: for error messages, the file as the user knows it (default ``path``) and
+            the option that chose where it goes.
     """
 
     def __init__(
@@ -233,8 +235,14 @@ class Recorder(Sink):
         crf: int = 18,
         preset: str = "veryfast",
         pix_fmt: str = "yuv420p",
+        known_as: str | os.PathLike[str] | None = None,
+        chosen_with: str = "--record path or --output_folder",
     ):
         self.path = Path(path)
+        # What file-system errors name: the file the user knows (a resumed part is joined onto it later),
+        # and the option that chose where it goes.
+        self._known_as = Path(known_as) if known_as is not None else self.path
+        self._chosen_with = chosen_with
         self.fps = as_frame_rate(fps)
         self.time_base = video_time_base(self.fps)
         self._frame_ticks = int(1 / (self.fps * self.time_base))  # one nominal frame, exactly
@@ -298,7 +306,7 @@ class Recorder(Sink):
     def _cannot_write(self, e: OSError, action: str = "record to", note: str = "recording {name}") -> str:
         """One line for a file-system error: it names the folder and how to get round it."""
         folder = self.path.absolute().parent
-        fix = f"choose another --record path or --output_folder ({note.format(name=self.path.name)})"
+        fix = f"choose another {self._chosen_with} ({note.format(name=self._known_as.name)})"
         if e.errno == errno.EROFS:
             return f"cannot write {folder}: read-only file system; {fix}"
         if e.errno in (errno.EACCES, errno.EPERM):
@@ -307,7 +315,7 @@ class Recorder(Sink):
             return f"cannot write {folder}: {e.strerror}; free some space or {fix}"
         if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST) and self.path.is_dir():
             return f"cannot {action} {self.path}: a folder has that name; move it away or {fix}"
-        return f"cannot {action} {self.path}: {e.strerror or e}"
+        return f"cannot {action} {self._known_as}: {e.strerror or e}"
 
     def _add_video(self, crf: int, preset: str, pix_fmt: str) -> av.VideoStream:
         # No B-frames: frames leave the encoder as they arrive (lower live latency), and files from an

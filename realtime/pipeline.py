@@ -234,15 +234,20 @@ class Pipeline:
     def _collect(self) -> None:
         inbox = self._queues[-1]
         last_report = time.perf_counter()
+        delivering = True
         while True:
             item = inbox.get()
             if item is _END:
                 return
+            if not delivering:
+                continue  # drained, not delivered: after a failed delivery a later frame would leave a gap
             if self.on_result is not None:
                 try:
                     self.on_result(item)
                 except BaseException as err:  # noqa: BLE001
                     self._fail(err)
+                    delivering = False
+                    continue
             now = time.perf_counter()
             item.timings["latency"] = (now - item.frame.captured_at) * 1000.0  # frame in → delivered to every sink
             self.times.add(item.timings)

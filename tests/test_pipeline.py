@@ -83,6 +83,19 @@ def test_stage_error_stops_the_run_and_is_reported():
     assert 5 not in seen and len(seen) < 200
 
 
+def test_after_a_failed_delivery_nothing_more_is_delivered():
+    # The sinks took frames 0..6 and failed on 7: handing them 8, 9, ... would leave a gap in their files.
+    seen = []
+
+    def sink(r):
+        if r.frame.index == 7:
+            raise OSError("disk full")
+        seen.append(r.frame.index)
+
+    result = Pipeline(_results(200), [Record()], live=False, on_result=sink).run()
+    assert isinstance(result.error, OSError) and seen == list(range(7)) and result.frames_out == 7
+
+
 def test_stop_finishes_frames_in_flight():
     seen = []
     pipe = None

@@ -138,6 +138,7 @@ class LookaheadPipeline:
                  on_result: Optional[Callable[[FrameResult], None]] = None):
         self.smoother = smoother
         self._smoothed: queue.Queue = queue.Queue(queue_size)
+        self._thread: Optional[threading.Thread] = None  # runs the first half
         self.first = Pipeline(frames, upstream, live=False, batch_size=batch_size, on_result=self._push)
         self.second = Pipeline(self._drain(), downstream, live=False, on_result=on_result)
 
@@ -152,6 +153,14 @@ class LookaheadPipeline:
     def stop(self) -> None:
         """Stop reading the source; the frames in flight are smoothed, rendered and written."""
         self.first.stop()
+
+    def abort(self, timeout: float = 5.0) -> bool:
+        """Stop at once, dropping the frames in flight (see ``Pipeline.abort``); call from the thread that ran ``run``."""
+        second = self.second.abort(timeout / 2)  # its stopping also frees the first half's blocked hand-over
+        first = self.first.abort(timeout / 2, collect=False)  # its collector is the look-ahead thread, still running
+        if self._thread is not None:
+            self._thread.join(timeout / 2)
+        return first and second and not (self._thread is not None and self._thread.is_alive())
 
     def _push(self, result: FrameResult) -> None:
         for ready in self.smoother.push(result):
@@ -193,7 +202,7 @@ class LookaheadPipeline:
             finally:
                 self._put(_END)
 
-        thread = threading.Thread(target=run_first, name="lookahead", daemon=True)
+        self._thread = thread = threading.Thread(target=run_first, name="lookahead", daemon=True)
         thread.start()
         second = self.second.run()
         self.first.stop()  # the downstream half ended early (an error): nothing more is read

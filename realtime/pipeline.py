@@ -136,6 +136,8 @@ class Pipeline:
         self.stats_every = stats_every
         self.times = StageTimes()
         self._stop = threading.Event()
+        self._abort = threading.Event()  # stop at once: frames in flight are dropped, not finished
+        self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
         self._lock = threading.Lock()
         self._frames_in = 0
@@ -153,6 +155,26 @@ class Pipeline:
     def stop(self) -> None:
         """Finish the frames in flight, then end (safe from signal handlers and other threads)."""
         self._stop.set()
+
+    def abort(self, timeout: float = 5.0, collect: bool = True) -> bool:
+        """Stop at once (a second Ctrl-C): frames in flight are dropped, and the stage and source threads are waited
+        for, up to ``timeout`` s, so that closing the input and the outputs afterwards does not race them.
+
+        ``collect``: ``run`` was interrupted, so the caller also takes (and drops) what reaches the end of the
+        pipeline, or the stages' last hand-overs would block. Returns whether every thread ended.
+        """
+        self._abort.set()
+        self._stop.set()
+        last, deadline = self._queues[-1], time.monotonic() + timeout
+        while any(t.is_alive() for t in self._threads) and time.monotonic() < deadline:
+            if not collect:
+                time.sleep(0.02)
+                continue
+            try:
+                last.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        return not any(t.is_alive() for t in self._threads)
 
     @property
     def stopping(self) -> bool:
@@ -212,6 +234,8 @@ class Pipeline:
             batch, ended = self._take_batch(inbox, batched)
             if not batch:
                 break
+            if self._abort.is_set():
+                continue  # drained: nothing more is processed or passed on
             if ok:
                 t0 = time.perf_counter()
                 try:
@@ -258,15 +282,15 @@ class Pipeline:
 
     def run(self) -> PipelineResult:
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=self._feed, name="source", daemon=True)]
-        threads += [
+        self._threads = [threading.Thread(target=self._feed, name="source", daemon=True)]
+        self._threads += [
             threading.Thread(target=self._run_stage, args=(i, s), name=s.name, daemon=True)
             for i, s in enumerate(self.stages)
         ]
-        for t in threads:
+        for t in self._threads:
             t.start()
         self._collect()
-        for t in threads:
+        for t in self._threads:
             t.join()
         dropped = sum(getattr(q, "dropped", 0) for q in self._queues)
         return PipelineResult(

@@ -407,7 +407,14 @@ def run(cfg: RunConfig) -> RunSummary:
             pipeline = Pipeline(feed, stages, live=live, batch_size=cfg.model.batch_size, on_result=deliver,
                                 stats_every=5.0 if (cfg.stats and live) else None)
         signals.running(pipeline)
-        result = pipeline.run()
+        try:
+            result = pipeline.run()
+        except Interrupted:
+            # A second signal: drop the frames in flight, but let the threads end before the input and the
+            # outputs are closed under them.
+            if not pipeline.abort():
+                log.warning("some pipeline threads did not stop in time; closing the outputs anyway")
+            raise
         if progress is not None:
             progress.close()
     finally:

@@ -96,6 +96,26 @@ def test_after_a_failed_delivery_nothing_more_is_delivered():
     assert isinstance(result.error, OSError) and seen == list(range(7)) and result.frames_out == 7
 
 
+def test_abort_after_an_interrupted_run_ends_every_thread_promptly():
+    # A second Ctrl-C interrupts run(); the runner then aborts before closing the input and the outputs, which
+    # must not happen while the source thread still decodes or a stage still works.
+    import os
+    import signal
+
+    slow = Record(delay=0.01)
+    pipe = Pipeline(_results(100_000), [slow, Record()], live=False)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        pipe.run()
+    started = time.monotonic()
+    assert pipe.abort(timeout=5.0)
+    assert time.monotonic() - started < 1.0  # the frames in flight are dropped, not worked through
+    assert not any(t.is_alive() for t in pipe._threads)
+    processed = len(slow.batches)
+    time.sleep(0.1)
+    assert len(slow.batches) == processed < 100_000
+
+
 def test_stop_finishes_frames_in_flight():
     seen = []
     pipe = None

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(out, "save_codes", False, "per face: FLAME codes as .npy, plus codes.npz per video")
     _bool_flag(out, "save_mesh", False, "per face: mesh_coarse.obj")
     out.add_argument("--export", choices=("npz", "json", "csv"), default=None, help="one results file per video (codes padded to full FLAME)")
-    out.add_argument("--record", default=None, help="record the composited stream to this .mp4 (with microphone audio for live input)")
+    out.add_argument("--record", default=None, help="record the composited stream to this .mp4 (with the input's sound: a stream's own, a camera's from the microphone)")
     _bool_flag(out, "show", False, "show the composited stream in a window (ESC or q quits)")
     out.add_argument("--webrtc", default=None, metavar="HOST:PORT", help="serve the stream to browsers via WebRTC")
     out.add_argument("--webrtc_token", default=None, help="token viewers must present ('auto' generates one); required off loopback")
@@ -145,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--smoothing", choices=SMOOTHING_MODES, default="auto",
                      help="temporal filtering: on = causal (no delay), auto = on for live input only, lookahead = video files only: "
                           "zero-phase over a few frames before and after each frame (no lag on fast moves, output held back by ~0.1 s)")
-    _bool_flag(out, "audio", True, "carry audio: the file's track, or the microphone for live input")
+    _bool_flag(out, "audio", True, "carry audio: the file's or stream's track, or the microphone for a camera")
     out.add_argument("--no_audio", dest="audio", action="store_false", help="same as --audio false")
-    out.add_argument("--audio_device", default=None, help="microphone (index or name part) for live input")
+    out.add_argument("--audio_device", default=None, help="microphone (index or name part) for a camera or a stream without sound")
 
     rn = p.add_argument_group("run")
     _bool_flag(rn, "stats", False, "print per-stage latency (p50/p95) at the end, and every few seconds for live input")

@@ -215,6 +215,14 @@ def tracker_workers(requested: Optional[int], cores: int) -> int:
 PROCESSED_FORMAT = "processed_%Y_%b_%d_%H-%M-%S"  # inferno's folder names
 
 
+def sound_from_microphone(source) -> bool:
+    """Live input with no sound of its own (a camera, a silent stream) records the microphone; files and streams
+    with an audio track keep theirs (both at once would fight over the same stretch of time)."""
+    from .sources import ImageFolderSource, VideoFileSource
+
+    return source.live and not isinstance(source, (VideoFileSource, ImageFolderSource)) and not source.audio_rate
+
+
 def _processed_folder(cfg: RunConfig, base: Path, stem: str, model_name: str) -> Path:
     from .resume import PROGRESS_FILE
 
@@ -290,7 +298,7 @@ def run(cfg: RunConfig) -> RunSummary:
                             "use --smoothing on or auto")
         raise UserError(f"--smoothing lookahead needs a video: the images of folder {cfg.input} are separate photos; "
                         "use --smoothing off")
-    from_device = live and not isinstance(source, (VideoFileSource, ImageFolderSource))  # camera or stream: sound from the mic
+    from_device = sound_from_microphone(source)
     try:
         reconstructor = create_reconstructor(cfg, live=live, stable_tracks=not is_folder)
     except BaseException:

@@ -13,7 +13,7 @@ import pytest
 from realtime.errors import MediaError
 from realtime.live import ResilientSource, backoff_delays, no_signal_image, nominal_fps
 from realtime.pipeline import Pipeline
-from realtime.sources import Source
+from realtime.sources import Source, open_source
 from realtime.types import AudioChunk, Frame, FrameResult
 
 FPS = 30.0
@@ -227,6 +227,20 @@ def test_a_bug_in_the_capture_thread_ends_the_run_instead_of_no_signal_forever()
         collect(source, lambda got: False)
     assert time.monotonic() - started < 2.0
     source.close()
+
+
+def test_only_live_input_without_sound_of_its_own_records_the_microphone(tmp_path, carphone_path):
+    from realtime.runner import sound_from_microphone
+
+    silent, with_sound = ResilientSource(Script(dict())), ResilientSource(Script(dict(audio=True)))
+    try:
+        assert sound_from_microphone(silent)  # a camera
+        assert not sound_from_microphone(with_sound)  # a stream with an audio track keeps it
+    finally:
+        silent.close()
+        with_sound.close()
+    with open_source(str(carphone_path), live=True) as file_played_live:
+        assert not sound_from_microphone(file_played_live)
 
 
 def test_frames_of_another_size_after_a_reconnect_keep_the_first_size():

@@ -192,8 +192,6 @@ class _AudioJoiner:
         return self._cut(final=True)
 
 
-
-
 def _shown(flag: str, value: Any) -> str:
     """How a recorded setting reads on the command line: `--cat_dim 1`, `--use_mask false`, `no --export`."""
     if value is None:

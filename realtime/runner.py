@@ -351,6 +351,7 @@ def run(cfg: RunConfig) -> RunSummary:
     pipeline = None
     result = PipelineResult()
     delivered = 0  # frames handed to every sink (read in `finally`, also after a second Ctrl-C)
+    with_faces = 0  # of them, frames in which a face was found
     run_logger = create_logger(cfg.logger)
     run_logger.log_config(cfg)
     signals = _Signals()
@@ -390,9 +391,14 @@ def run(cfg: RunConfig) -> RunSummary:
         broken = False  # a delivery failed part-way: some sinks have that frame, others not
 
         def deliver(item: FrameResult) -> None:
-            nonlocal delivered, broken
-            if item.replay or broken:
+            nonlocal delivered, broken, with_faces
+            if item.replay:
+                if progress is not None:
+                    progress.update(1)  # re-tracking the frames done before: the bar moves while it takes
+                return
+            if broken:
                 return  # after a partial delivery, a later frame would leave a gap in some outputs
+            with_faces += bool(item.faces)
             t0 = time.perf_counter()
             try:
                 for sink in sinks:
@@ -479,6 +485,12 @@ def run(cfg: RunConfig) -> RunSummary:
         else:
             note = f" (stopped after frame {resume.frames_done}; continue with --resume)"
     print(f"{result.frames_out} frames at {result.fps:.1f} fps{note}" + (f" → {where}" if where else ""))
+    if outputs.get("export") is not None and where != outputs["export"]:
+        print(f"results → {outputs['export']}")
+    if result.frames_out and not with_faces:
+        log.warning("no face was found in any of the %d frames of %s, so nothing was reconstructed (faces must be "
+                    "visible and not tiny; --min_confidence %.2f could be lowered)",
+                    result.frames_out, source.description, cfg.tracking.min_confidence)
     if result.dropped:
         print(f"dropped {result.dropped} frames to stay live")
     return RunSummary(ok=True, frames=result.frames_out, result=result, outputs=outputs, model=model_name,

@@ -535,6 +535,8 @@ def test_video_without_faces(tmp_path):
     results = _only_video(tmp_path, "wall").parent
     assert video_frame_count(results / "video_geometry.mp4") == 6
     assert [p for p in results.iterdir() if p.is_dir()] == []  # no face, no per-face folder
+    (hint,) = run.warnings_about("wall.mp4")  # an empty result is explained, once
+    assert hint.startswith("no face was found in any of the 6 frames of wall.mp4") and "--min_confidence" in hint
 
 
 def test_4k_image(tmp_path):

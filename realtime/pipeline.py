@@ -268,6 +268,11 @@ class Pipeline:
             if self.on_result is not None:
                 try:
                     self.on_result(item)
+                except KeyboardInterrupt as err:
+                    # A signal handler's abort (a second Ctrl-C) landed in the delivery: it is the caller's to
+                    # handle (Pipeline.abort), not a failed frame to drain the whole pipeline after.
+                    self._fail(err)
+                    raise
                 except BaseException as err:  # noqa: BLE001
                     self._fail(err)
                     delivering = False

@@ -653,6 +653,8 @@ class _Signals:
         if first:
             self.received = signum
         if self.phase == "starting" or not first:
+            if self.phase == "running":
+                self.phase = "finishing"  # a third signal must not cut short the abort and the closing that follow
             raise Interrupted(signum)
         log.warning("stopping: finishing the current frames and closing the outputs (press Ctrl-C again to abort)")
         self.pipeline.stop()

@@ -116,6 +116,20 @@ def test_abort_after_an_interrupted_run_ends_every_thread_promptly():
     assert len(slow.batches) == processed < 100_000
 
 
+def test_an_interrupt_during_delivery_leaves_run_at_once():
+    # The signal handler raises in the main thread, often while a sink is being written: run() must not swallow it
+    # as a failed frame and then work through everything in flight first.
+    def sink(r):
+        if r.frame.index == 3:
+            raise KeyboardInterrupt
+
+    slow = Record(delay=0.05)
+    pipe = Pipeline(_results(100_000), [slow], live=False, on_result=sink)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.run()
+    assert pipe.abort(timeout=5.0) and len(slow.batches) < 30
+
+
 def test_stop_finishes_frames_in_flight():
     seen = []
     pipe = None

@@ -398,6 +398,25 @@ def test_sigterm_is_reported_as_sigterm(tmp_path, carphone_path):
     assert json.loads((_results(out) / "progress.json").read_text())["frames_done"] == summary.frames < 120
 
 
+def test_a_third_signal_does_not_cut_the_abort_short(caplog):
+    from realtime.runner import Interrupted, _Signals
+
+    class Stoppable:
+        stopped = False
+
+        def stop(self):
+            self.stopped = True
+
+    signals, pipeline = _Signals(), Stoppable()
+    signals.running(pipeline)
+    signals._handler(signal.SIGINT, None)  # first: finish the frames in flight
+    assert pipeline.stopped
+    with pytest.raises(Interrupted):
+        signals._handler(signal.SIGINT, None)  # second: abort
+    signals._handler(signal.SIGINT, None)  # third, while aborting and closing: only noted
+    assert "finishing the outputs; please wait" in caplog.text
+
+
 def test_sigterm_exits_143_and_ctrl_c_130(tmp_path, carphone_path):
     for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
         out = tmp_path / sig.name

@@ -57,3 +57,22 @@ def test_a_missing_part_is_an_error_not_skipped(tmp_path):
     with pytest.raises(FileNotFoundError, match="resumed.mp4"):
         concat_videos([stopped, tmp_path / "resumed.mp4"], tmp_path / "joined.mp4")
     assert not (tmp_path / "joined.mp4").exists()
+
+
+def test_a_joined_part_keeps_its_frames_exact_times_at_ntsc_rates(tmp_path):
+    # 29.97 fps: frame 20 starts at 0.667333 s, not a whole millisecond. mp4's default 1 kHz movie clock cut a late
+    # part's start to the millisecond, so every frame after each resume came out up to 1 ms early.
+    fps = Fraction(30000, 1001)
+
+    def part(path: Path, first: int, last: int) -> Path:
+        with Recorder(path, fps=fps, width=32, height=32, codec="libx264") as rec:
+            for i in range(first, last):
+                rec.write(FrameResult(frame=Frame(index=i, pts=float(i / fps), image=np.full((32, 32, 3), 4 * i, np.uint8))))
+        return path
+
+    joined = tmp_path / "joined.mp4"
+    concat_videos([part(tmp_path / "a.mp4", 0, 20), part(tmp_path / "b.mp4", 20, 40)], joined)
+    with av.open(str(joined)) as c:
+        stream = c.streams.video[0]
+        times = sorted(float(p.pts * stream.time_base) for p in c.demux(stream) if p.pts is not None)
+    np.testing.assert_allclose(times, [float(i / fps) for i in range(40)], atol=2e-5)

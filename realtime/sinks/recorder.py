@@ -276,8 +276,11 @@ class Recorder(Sink):
         except OSError as e:
             raise MediaError(self._cannot_write(e)) from e
         try:
-            # faststart moves the mp4 index to the front on close, so players can start at once.
-            options = {"movflags": "+faststart"} if fmt in ("mp4", "mov") else {}
+            # faststart moves the mp4 index to the front on close, so players can start at once. The movie
+            # timescale is the video clock's: in the default 1 kHz one a part that starts late (a --resume's)
+            # has its start cut to the millisecond, and the joined video drifts by that at every resume.
+            options = ({"movflags": "+faststart", "movie_timescale": str(self.time_base.denominator)}
+                       if fmt in ("mp4", "mov") else {})
             self._container = av.open(str(self._temp), "w", format=fmt, options=options)
             try:
                 self._video = self._add_video(crf, preset, pix_fmt)

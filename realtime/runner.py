@@ -264,6 +264,10 @@ def resume_settings(cfg: RunConfig) -> dict:
         "--num_faces": t.num_faces, "--scale": t.scale, "--image_size": t.image_size,
         "--min_confidence": t.min_confidence, "--per_frame_tracking": t.per_frame,
         "--identity_cache": m.identity_cache, "--identity_refresh": m.identity_refresh, "--mode": m.mode,
+        # Where the frames done so far are (--record replaces the folder's video), and how many tracker processes
+        # cut the file into chunks (a chunk's first frame is a fresh detection; the default follows the cores).
+        "--record": str(Path(o.record).resolve()) if o.record else None,
+        "--num_workers": tracker_workers(cfg.num_workers, os.cpu_count() or 1),
     }
     if m.mode == "detail":
         settings["--detail_model"] = m.detail_model

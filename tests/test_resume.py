@@ -217,8 +217,14 @@ def test_resume_refuses_a_video_shorter_than_the_progress(tmp_path, carphone_pat
 
 
 @pytest.mark.parametrize("flags", [["--cat_dim", "1"], ["--include_original", "false"], ["--black_background"],
-                                   ["--export", "csv"], ["--save_codes", "false"]])
+                                   ["--export", "csv"], ["--save_codes", "false"],
+                                   ["--num_workers", "other"],  # not the run's tracker processes: other chunk starts
+                                   ["--record", "take.mp4"]])  # its frames are in the folder's video, not there
 def test_resume_refuses_flags_that_change_the_outputs(tmp_path, carphone_path, stopped_run, capsys, flags):
+    from realtime.runner import tracker_workers
+
+    if flags == ["--num_workers", "other"]:
+        flags = ["--num_workers", str(tracker_workers(None, os.cpu_count() or 1) + 1)]
     out, _ = _copy_stopped(stopped_run, tmp_path)
     before = _snapshot(out)
     assert main(["--input", str(carphone_path), "--output_folder", str(out), "--resume", *ARGS, *flags]) == 2

@@ -433,7 +433,7 @@ class Recorder(Sink):
             raise
         if self.frames_written == 0:
             self._remove_temp()
-            log.warning("no frames were recorded; %s was not created", self.path)
+            log.warning("no frames were recorded; %s was not created", self._known_as)
             return
         try:
             commit(self._temp, self.path)

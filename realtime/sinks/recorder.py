@@ -433,7 +433,10 @@ class Recorder(Sink):
             raise
         if self.frames_written == 0:
             self._remove_temp()
-            log.warning("no frames were recorded; %s was not created", self._known_as)
+            if self._known_as != self.path:  # a resumed part: the video itself is there, unchanged
+                log.info("no new frames were recorded for %s", self._known_as)
+            else:
+                log.warning("no frames were recorded; %s was not created", self.path)
             return
         try:
             commit(self._temp, self.path)

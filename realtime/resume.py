@@ -6,8 +6,8 @@ may have left the video a few frames ahead; those are cut off when the run is re
 replays MediaPipe tracking over those frames (tracking only, so the tracker's temporal state — and
 therefore every later output — is the same as in an uninterrupted run), processes the rest into a second
 file, and joins the two without re-encoding the video (the recorder writes no B-frames, so packets
-concatenate cleanly and can be cut anywhere; the audio is decoded and re-encoded once so that no AAC
-priming lands mid-track).
+concatenate cleanly and can be cut anywhere); the sound is taken from the input again in one piece and encoded
+once, since a part's AAC encoder starts cold and a splice would garble the join.
 
 A resume is refused, with one line saying why, when the folder's earlier outputs cannot be continued: the
 video is missing or shorter than progress.json says, or this run's flags would make different outputs
@@ -73,13 +73,17 @@ def video_frames(path: Path) -> tuple[int, int, int]:
         return frames, video.codec_context.width, video.codec_context.height
 
 
-def concat_videos(parts: Sequence[Path], output: Path, frames: Optional[Sequence[Optional[int]]] = None) -> None:
+def concat_videos(parts: Sequence[Path], output: Path, frames: Optional[Sequence[Optional[int]]] = None,
+                  audio_from: Optional[Path] = None, whole_audio: bool = False) -> None:
     """Join mp4 files made by the same Recorder settings into `output` (atomically).
 
     Args:
         parts: the files, in order; each must exist (a missing one is a FileNotFoundError, never skipped).
         frames: per part, how many of its first frames to take (None: all); the part's audio is cut at the
             same time. The recorder writes no B-frames, so every packet is one frame in presentation order.
+        audio_from: where the parts' sound came from (the input video): when the parts have sound, it is taken
+            from there in one piece, up to where the joined video ends (all of it with ``whole_audio``), instead
+            of splicing the parts' own (a part's AAC encoder starts cold: about 80 ms of garble at each join).
     """
     parts = [Path(p) for p in parts]
     limits = list(frames) if frames is not None else [None] * len(parts)
@@ -105,6 +109,8 @@ def concat_videos(parts: Sequence[Path], output: Path, frames: Optional[Sequence
                 aout = out.add_stream("aac", rate=audio_rate, layout=audio_layout)
                 aout.bit_rate = first_bit_rate(parts[0])
             last_dts = None
+            video_end = 0.0  # seconds: where the joined video's last frame ends
+            from_input = has_audio and audio_from is not None and _has_audio(audio_from)
             audio = _AudioJoiner(audio_rate) if has_audio else None
             for part, limit in zip(parts, limits):
                 until = None  # seconds: where this part's video was cut, so its audio stops there too
@@ -123,18 +129,34 @@ def concat_videos(parts: Sequence[Path], output: Path, frames: Optional[Sequence
                         if last_dts is not None and packet.dts <= last_dts:
                             continue  # a frame both parts hold (never expected; never duplicate it)
                         last_dts = packet.dts
+                        video_end = max(video_end, float((packet.pts + (packet.duration or 0)) * v_tb))
                         packet.stream = vout
                         out.mux(packet)
-                if audio is not None:
+                if audio is not None and not from_input:
                     with av.open(str(part)) as inp:
                         if inp.streams.audio:
                             for frame in inp.decode(audio=0):
                                 for f in audio.push(frame, until):
                                     out.mux(aout.encode(f))
+            if from_input:
+                resample = av.AudioResampler(format="fltp", layout=audio_layout, rate=audio_rate)
+                with av.open(str(audio_from)) as inp:
+                    for frame in inp.decode(audio=0):
+                        for f in resample.resample(frame):
+                            for g in audio.push(f, None if whole_audio else video_end):
+                                out.mux(aout.encode(g))
             if audio is not None:
                 for f in audio.flush():
                     out.mux(aout.encode(f))
                 out.mux(aout.encode(None))
+
+
+def _has_audio(path: Path) -> bool:
+    try:
+        with av.open(str(path)) as c:
+            return bool(c.streams.audio) and c.streams.audio[0].codec_context is not None
+    except (av.FFmpegError, OSError):
+        return False
 
 
 def first_bit_rate(path: Path) -> int:
@@ -290,7 +312,8 @@ class Resume:
         if self.video is not None and self.recording_path != self.video:
             if frames:
                 try:
-                    concat_videos([self.video, self.recording_path], self.video, frames=[self.frames_done, frames])
+                    concat_videos([self.video, self.recording_path], self.video, frames=[self.frames_done, frames],
+                                  audio_from=Path(self.input), whole_audio=complete)
                 except (OSError, av.FFmpegError, ValueError) as err:
                     failure = MediaError(f"cannot add the resumed frames to {self.video} ({err}); it still holds the "
                                          f"first {self.frames_done} frames: --resume again to redo the rest")

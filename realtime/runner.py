@@ -295,6 +295,8 @@ def run(cfg: RunConfig) -> RunSummary:
     source = open_source(cfg.input, live=True if cfg.realtime else None)
     live = source.live
     is_folder = isinstance(source, ImageFolderSource)
+    if cfg.output.resume and (live or is_folder):
+        log.warning("--resume continues video files only: %s is processed from the start", source.description)
     if cfg.output.smoothing == "lookahead" and (live or is_folder):
         source.close()
         if live:

@@ -119,6 +119,17 @@ def test_image_folder_outputs(tmp_path):
     assert (tmp_path / "out" / "mediapipe" / "astronaut00" / "geometry.png").is_file()
 
 
+def test_resume_of_an_image_folder_says_it_starts_over(tmp_path, caplog):
+    import cv2
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "grey.png"), np.full((64, 64, 3), 90, np.uint8))
+    rc = main(["--input", str(folder), "--output_folder", str(tmp_path / "out"), "--model_name", "mediapipe",
+               "--progress", "false", "--resume"])
+    assert rc == 0 and "--resume continues video files only" in caplog.text
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

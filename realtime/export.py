@@ -21,6 +21,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import MediaError, UserError
+from .resume import start_over_hint
 from .sinks import Sink
 from .types import Face, FrameResult, Reconstruction
 
@@ -222,7 +223,7 @@ class ResultsWriter(Sink):
         """
         if self._rows:
             raise ValueError("resume() comes before the first write()")
-        start_over = f"to start over, run without --resume into another --processed_subfolder, or delete {self.path.parent}"
+        start_over = start_over_hint(self.path.parent)
         if not self.path.is_file():
             raise UserError(f"cannot resume: {self.path} is missing, so the rows of frames 0-{before_frame - 1} "
                             f"are gone; {start_over}")

@@ -214,6 +214,11 @@ class _AudioJoiner:
         return self._cut(final=True)
 
 
+def start_over_hint(folder: Path) -> str:
+    """The end of every refused resume's message: how to get a clean run instead."""
+    return f"to start over, run without --resume into another --processed_subfolder, or delete {folder}"
+
+
 def _shown(flag: str, value: Any) -> str:
     """How a recorded setting reads on the command line: `--cat_dim 1`, `--use_mask false`, `no --export`."""
     if value is None:
@@ -243,7 +248,7 @@ class Resume:
                  settings: Optional[dict[str, Any]] = None, frame_size: Optional[tuple[int, int]] = None):
         self.folder, self.input, self.video = folder, str(Path(input_path).resolve()), video
         self.settings = dict(settings or {})
-        start_over = f"to start over, run without --resume into another --processed_subfolder, or delete {folder}"
+        start_over = start_over_hint(folder)
         self._start_over = start_over
         previous = Progress.load(folder)
         if previous is not None and not enabled and (previous.frames_done or previous.complete):

@@ -36,6 +36,7 @@ import numpy as np
 from realtime.atomic import atomic_write_bytes, save_npy, save_npz, save_png
 from realtime.crop import warp_affine
 from realtime.errors import MediaError, UserError
+from realtime.resume import start_over_hint
 from realtime.sinks import Sink
 from realtime.types import Frame, FrameResult, Reconstruction
 
@@ -221,7 +222,7 @@ class FrameOutputs(Sink):
         if not self.save_codes:
             return
         previous = self.outfolder / "codes.npz"
-        start_over = f"to start over, run without --resume into another --processed_subfolder, or delete {self.outfolder}"
+        start_over = start_over_hint(self.outfolder)
         if not previous.is_file():
             raise UserError(f"cannot resume: {previous} is missing, so the codes of frames 0-{before_frame - 1} are "
                             f"gone; {start_over}")

@@ -205,7 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt as err:
-        print("interrupted", file=sys.stderr)
+        note = getattr(err, "note", "")
+        print(f"interrupted ({note})" if note else "interrupted", file=sys.stderr)
         return 128 + getattr(err, "signal_number", signal.SIGINT)  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
     if summary.signalled:
         return 128 + (summary.signal_number or signal.SIGINT)  # stopped, with everything done so far finalised

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -470,6 +471,9 @@ def run(cfg: RunConfig) -> RunSummary:
                 written = min([delivered] + [s.written for s in sinks if hasattr(s, "written")]) if finalised else 0
                 attempt("recording the progress", lambda: resume.finish(frames=written,
                                                                          complete=feed.exhausted and result.error is None))
+                aborted = sys.exc_info()[1]  # in flight through this finally: a second signal's abort
+                if isinstance(aborted, Interrupted) and not resume.complete:
+                    aborted.note = _stopped_note(resume, o.smoothing)
             if outputs.get("video") is not None and outputs["video"].is_file() and result.error is None:
                 attempt("logging the video", lambda: run_logger.log_video(outputs["video"]))
             attempt("finishing the run log", lambda: run_logger.finish(exit_code=0 if result.error is None else 1))
@@ -484,12 +488,7 @@ def run(cfg: RunConfig) -> RunSummary:
     if cfg.stats:
         print("per-stage latency (ms):\n" + pipeline.times.format())
     where = outputs.get("video") or outputs.get("folder") or outputs.get("export")
-    note = ""
-    if resume is not None and not resume.complete:
-        if o.smoothing == "lookahead":  # --resume refuses it (the first frames would lack earlier neighbours)
-            note = f" (stopped after frame {resume.frames_done}; a --smoothing lookahead run cannot be resumed)"
-        else:
-            note = f" (stopped after frame {resume.frames_done}; continue with --resume)"
+    note = f" ({_stopped_note(resume, o.smoothing)})" if resume is not None and not resume.complete else ""
     print(f"{result.frames_out} frames at {result.fps:.1f} fps{note}" + (f" → {where}" if where else ""))
     if outputs.get("export") is not None and where != outputs["export"]:
         print(f"results → {outputs['export']}")
@@ -499,8 +498,17 @@ def run(cfg: RunConfig) -> RunSummary:
                     result.frames_out, source.description, cfg.tracking.min_confidence)
     if result.dropped:
         print(f"dropped {result.dropped} frames to stay live")
+    # A signal that came after the last frame was read stopped nothing: the run is complete.
+    signalled = signals.received is not None and not (feed is not None and feed.exhausted)
     return RunSummary(ok=True, frames=result.frames_out, result=result, outputs=outputs, model=model_name,
-                      signalled=signals.received is not None, signal_number=signals.received)
+                      signalled=signalled, signal_number=signals.received if signalled else None)
+
+
+def _stopped_note(resume: "Resume", smoothing: str) -> str:
+    """What a run that stopped early says about going on."""
+    if smoothing == "lookahead":  # --resume refuses it (the first frames would lack earlier neighbours)
+        return f"stopped after frame {resume.frames_done}; a --smoothing lookahead run cannot be resumed"
+    return f"stopped after frame {resume.frames_done}; continue with --resume"
 
 
 def _lookahead_pipeline(feed: FrameFeed, stages: list, reconstructor, fps: float, batch_size: int, deliver):
@@ -630,11 +638,13 @@ def _progress_bar(cfg: RunConfig, source, live: bool):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Raised by a signal during start-up, or a second one while running; says which (exit status 128 + it)."""
+    """Raised by a signal during start-up, or a second one while running; says which (exit status 128 + it) and,
+    once the outputs are finalised, where a --resume would go on (``note``)."""
 
     def __init__(self, signal_number: int):
         super().__init__(signal_number)
         self.signal_number = signal_number
+        self.note = ""
 
 
 class _Signals:

@@ -357,13 +357,15 @@ def _signal_after(out: Path, frames: int, *signals: int) -> threading.Thread:
     return thread
 
 
-def test_a_second_ctrl_c_keeps_what_the_outputs_wrote(tmp_path, carphone_path, uninterrupted):
+def test_a_second_ctrl_c_keeps_what_the_outputs_wrote(tmp_path, carphone_path, uninterrupted, capsys):
     out = tmp_path / "out"
     _signal_after(out, 20, signal.SIGINT, signal.SIGINT)
     assert main(["--input", str(carphone_path), "--output_folder", str(out), *ARGS]) == 130
     folder = _results(out)
     progress = json.loads((folder / "progress.json").read_text())
     assert progress["complete"] is False and progress["frames_done"] >= 20
+    # Aborted, but the outputs were finalised: the user is told where --resume goes on.
+    assert f"interrupted (stopped after frame {progress['frames_done']}; continue with --resume)" in capsys.readouterr().err
     assert len(_frames(folder / "video_geometry.mp4")) >= progress["frames_done"]
     assert len(load_results(folder / "results.npz")["frame_index"]) >= progress["frames_done"]
     assert main(["--input", str(carphone_path), "--output_folder", str(out), "--resume", *ARGS]) == 0

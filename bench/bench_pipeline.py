@@ -12,7 +12,9 @@ audio dropped), and that copy is benchmarked. With `--realtime true` the file is
 like a camera (live mode: frames may be dropped) and `latency_ms` is frame in → composited frame delivered to
 every sink; a live run without --show/--webrtc/--record records to a temp .mp4 so that it has a sink (encode
 included). An EMICA model without --assets_dir (and not installed under ./assets) runs on random weights
-(tests/synthetic_checkpoints.py, written to a temp folder): speed does not depend on the values.
+(tests/synthetic_checkpoints.py, written to a temp folder): speed does not depend on the values. On the CPU
+its ONNX exports are made there too, so that --backend auto can pick ONNX Runtime, as it would for a user who
+ran build_engines.py --onnx-only.
 
 Writes bench/results/pipeline_<device>_<model>[_<H>p][_live].json. Timings are machine-specific; compare
 ratios measured in the same run, never across machines.
@@ -21,6 +23,7 @@ ratios measured in the same run, never across machines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -191,6 +194,15 @@ def main() -> int:
             write_emica_model(assets, synthetic)
             run_extra += ["--assets_dir", str(assets)]
             weights = "random (synthetic checkpoint)"
+            if app.device == "cpu" and app.backend in ("auto", "onnxruntime") and "--engines_dir" not in extra:
+                # The app's fastest CPU backend needs ONNX exports of these very weights: made here, once.
+                import build_engines
+
+                engines = Path(tmp) / "engines"
+                with contextlib.redirect_stdout(sys.stderr):
+                    build_engines.main(["--model", synthetic, "--assets_dir", str(assets), "--engines_dir",
+                                        str(engines), "--onnx-only"])
+                run_extra += ["--engines_dir", str(engines)]
         elif app.model_name and app.model_name != "mediapipe":
             weights = "from --assets_dir"
         runs = [bench_once(input_path, run_extra) for _ in range(max(1, args.repeat))]

@@ -32,6 +32,7 @@ import importlib.util
 import json
 import logging
 import re
+import shlex
 import threading
 import time
 import warnings
@@ -967,6 +968,9 @@ class EngineRequirements:
     compute_capability: Optional[str] = None
     tensorrt_version: Optional[str] = None
     batch_size: Optional[int] = None
+    # The build_engines.py flags this run needs beyond model, mode and precision (its --assets_dir,
+    # --engines_dir, --detail_model), so that the rebuild command in a message can be pasted as it is.
+    build_flags: tuple[str, ...] = ()
 
 
 def rebuild_command(
@@ -975,11 +979,14 @@ def rebuild_command(
     precision: Optional[str] = None,
     batch_profile: Optional[Sequence[int]] = None,
     onnx_only: bool = False,
+    build_flags: Sequence[str] = (),
 ) -> str:
     """The build_engines.py command line that (re)creates such files, as an instruction."""
     cmd = f"run python build_engines.py --model {model}"
     if mode != "coarse":
         cmd += f" --mode {mode}"
+    if build_flags:
+        cmd += " " + " ".join(shlex.quote(str(f)) for f in build_flags)
     if onnx_only:
         return cmd + " --onnx-only"
     if precision:
@@ -989,14 +996,14 @@ def rebuild_command(
     return cmd
 
 
-def _manifest_rebuild(manifest: EngineManifest, batch_size: Optional[int] = None) -> str:
+def _manifest_rebuild(manifest: EngineManifest, batch_size: Optional[int] = None, build_flags: Sequence[str] = ()) -> str:
     """The command that rebuilds ``manifest``'s file, with the batch profile widened to hold ``batch_size``."""
     profile = manifest.batch_profile
     if profile is not None and batch_size is not None:
         lo, opt, hi = profile
         profile = (min(lo, batch_size), opt, max(hi, batch_size))
     return rebuild_command(manifest.model, manifest.mode, manifest.precision, profile,
-                           onnx_only=manifest.tensorrt_version is None)
+                           onnx_only=manifest.tensorrt_version is None, build_flags=build_flags)
 
 
 def engine_problems(manifest: EngineManifest, expected: EngineRequirements) -> list[str]:
@@ -1036,7 +1043,7 @@ def check_engine(manifest: EngineManifest, expected: EngineRequirements) -> None
         what = manifest.path or f"{manifest.model}/{manifest.file}"
         wanted = dataclasses.replace(manifest, model=expected.model, mode=expected.mode, precision=expected.precision)
         raise StaleEngineError(f"{what} cannot be used: {'; '.join(problems)}. To rebuild, "
-                               f"{_manifest_rebuild(wanted, expected.batch_size)}")
+                               f"{_manifest_rebuild(wanted, expected.batch_size, expected.build_flags)}")
 
 
 def find_engine(engines_dir: str | Path, expected: EngineRequirements) -> Path:
@@ -1055,7 +1062,7 @@ def find_engine(engines_dir: str | Path, expected: EngineRequirements) -> Path:
             problems.append(str(e))
     if problems:
         raise StaleEngineError(" | ".join(problems))
-    command = rebuild_command(expected.model, expected.mode, expected.precision)
+    command = rebuild_command(expected.model, expected.mode, expected.precision, build_flags=expected.build_flags)
     raise AssetError(f"no {expected.precision} TensorRT engine for {expected.network} in {folder}: {command}")
 
 
@@ -1063,14 +1070,15 @@ def check_onnx(engines_dir: str | Path, expected: EngineRequirements) -> Path:
     """engines/<model>/<network>.onnx when it exists, is the file its manifest describes and fits ``expected``."""
     path = onnx_file(engines_dir, expected.model, expected.network)
     if not path.is_file():
-        command = rebuild_command(expected.model, expected.mode, onnx_only=True)
+        command = rebuild_command(expected.model, expected.mode, onnx_only=True, build_flags=expected.build_flags)
         raise AssetError(f"no ONNX export {path}: {command}")
     manifest = load_manifest(manifest_path(path))
     check_engine(manifest, expected)
     actual = file_sha256(path)
     if actual != manifest.onnx_sha256:
         raise StaleEngineError(f"{path} was modified after export (sha256 {actual[:12]}…, its manifest says "
-                               f"{manifest.onnx_sha256[:12]}…). To rebuild, {_manifest_rebuild(manifest)}")
+                               f"{manifest.onnx_sha256[:12]}…). To rebuild, "
+                               f"{_manifest_rebuild(manifest, build_flags=expected.build_flags)}")
     return path
 
 
@@ -1128,6 +1136,7 @@ def select_backend(
     weights: Optional[Mapping[str, str]] = None,
     mode: str = "coarse",
     available: Optional[Availability] = None,
+    build_flags: Sequence[str] = (),
 ) -> tuple[str, str]:
     """Pick the backend for ``model``'s ``networks`` and say why: returns (backend, reason).
 
@@ -1135,8 +1144,8 @@ def select_backend(
     else torch on CUDA (CUDA graphs); on the CPU ONNX Runtime when installed and valid fp32 ONNX exports
     exist; else torch eager. An explicit request that cannot be met raises a UserError with the fix.
     ``weights`` maps network names to ``module_sha256`` of the loaded networks; files made from other
-    weights are stale (networks missing from it are not checked for that).
-    The choice is logged in one line.
+    weights are stale (networks missing from it are not checked for that). ``build_flags``: see
+    ``EngineRequirements``. The choice is logged in one line.
     """
     if requested not in ("auto", *BACKENDS):
         raise UserError(f"--backend must be auto, {', '.join(BACKENDS)} (got {requested!r})")
@@ -1146,7 +1155,7 @@ def select_backend(
     if on_gpu and not available.cuda:
         raise UserError(f"--device {device} but no CUDA GPU is visible; use --device cpu")
     ask = _Ask(Path(engines_dir), model, tuple(networks), precision, batch_size, mode, on_gpu, available,
-               dict(weights or {}))
+               dict(weights or {}), tuple(build_flags))
     if requested == "auto":
         backend, reason = _choose_auto(ask)
     else:
@@ -1168,10 +1177,11 @@ class _Ask:
     on_gpu: bool
     available: Availability
     weights: dict[str, str]
+    build_flags: tuple[str, ...] = ()
 
     def requirements(self, network: str, precision: str, **hardware: Any) -> EngineRequirements:
         return EngineRequirements(self.model, network, precision, mode=self.mode,
-                                  weights_sha256=self.weights.get(network), **hardware)
+                                  weights_sha256=self.weights.get(network), build_flags=self.build_flags, **hardware)
 
 
 def _choose_auto(ask: _Ask) -> tuple[str, str]:
@@ -1234,6 +1244,7 @@ def create_engines(
     batch_sizes: Sequence[int] = (1, 4, 16),
     weights: Optional[Mapping[str, str]] = None,
     compile: bool = False,
+    build_flags: Sequence[str] = (),
 ) -> dict[str, Engine]:
     """One engine per network for the backend ``select_backend`` chose, by network name.
 
@@ -1254,7 +1265,8 @@ def create_engines(
     engines: dict[str, Engine] = {}
     for name, net in networks.items():
         net_precision = "fp32" if backend == "onnxruntime" else network_precision(name, precision)
-        wanted = EngineRequirements(model, name, net_precision, mode=mode, weights_sha256=weights.get(name), **hardware)
+        wanted = EngineRequirements(model, name, net_precision, mode=mode, weights_sha256=weights.get(name),
+                                    build_flags=tuple(build_flags), **hardware)
         if backend == "torch":
             engines[name] = TorchEngine(net.module, device, net_precision, batch_sizes=batch_sizes, name=name,
                                         compile=compile)

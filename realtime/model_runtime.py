@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import RunConfig
+from .config import ModelConfig, RunConfig
 from .crop import arcface_matrix, arcface_points, warp_arcface, warp_crop
 from .errors import UserError
 from .gpu_crop import FrameUploader, arcface_batch, crop_batch, unique_frames
@@ -376,12 +376,13 @@ def _attach_engines(model, cfg: RunConfig, batch_sizes: tuple[int, ...]) -> str:
     m = cfg.model
     networks = {k: v for k, v in model_networks(model).items() if k not in ("flame", "detail_decoder")}
     weights = {name: module_sha256(net.module) for name, net in networks.items()}
+    flags = build_flags(m)
     backend, _ = select_backend(m.backend, m.device, m.engines_dir, m.name, list(networks), m.precision,
-                                batch_size=m.batch_size, weights=weights, mode=m.mode)
+                                batch_size=m.batch_size, weights=weights, mode=m.mode, build_flags=flags)
     if backend == "torch" and torch.device(m.device).type == "cpu":
         return backend  # eager PyTorch is the model itself
     engines = create_engines(backend, networks, m.device, m.precision, m.engines_dir, m.name, mode=m.mode, weights=weights,
-                             batch_sizes=batch_sizes, compile=m.compile)
+                             batch_sizes=batch_sizes, compile=m.compile, build_flags=flags)
     wrap = {name: _EngineModule(e) for name, e in engines.items()}
     if isinstance(model, EMICA):
         enc = model.face_encoder
@@ -397,6 +398,22 @@ def _attach_engines(model, cfg: RunConfig, batch_sizes: tuple[int, ...]) -> str:
         if "detail_encoder" in wrap:
             model.deca.E_detail = wrap["detail_encoder"]
     return backend
+
+
+def build_flags(m: ModelConfig) -> tuple[str, ...]:
+    """The build_engines.py flags that make exports for this run's model (where its assets and engines are, which
+    detail model): what a rebuild hint must carry besides --model and --mode to be pasted as it is."""
+    default = ModelConfig()
+    flags: list[str] = []
+    if m.assets_dir != default.assets_dir:
+        flags += ["--assets_dir", m.assets_dir]
+    if m.path_to_models:
+        flags += ["--path_to_models", m.path_to_models]
+    if m.engines_dir != default.engines_dir:
+        flags += ["--engines_dir", m.engines_dir]
+    if m.mode == "detail" and m.detail_model:
+        flags += ["--detail_model", m.detail_model]
+    return tuple(flags)
 
 
 def _graph_batch_sizes(batch_size: int) -> tuple[int, ...]:

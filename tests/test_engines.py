@@ -336,6 +336,23 @@ def test_check_onnx_detects_a_modified_or_stale_export(tmp_path):
         E.check_onnx(tmp_path, E.EngineRequirements("EMICA-X", "mica", "fp32", mode="detail"))
 
 
+def test_rebuild_hints_carry_the_runs_own_folders_and_detail_model(tmp_path):
+    # A hint without the user's --assets_dir/--engines_dir failed when pasted; without --detail_model it rebuilt
+    # the other detail model's export and the app refused again, in a loop.
+    path = write_onnx_export(tmp_path, "EMICA-X", "detail_encoder", "a" * 64)
+    flags = ("--assets_dir", "/data/my assets", "--engines_dir", str(tmp_path), "--detail_model", "EMOCA_v2_lr_cos_1.5")
+    stale = E.EngineRequirements("EMICA-X", "detail_encoder", "fp32", mode="detail", weights_sha256="c" * 64,
+                                 build_flags=flags)
+    with pytest.raises(E.StaleEngineError) as info:
+        E.check_onnx(tmp_path, stale)
+    assert str(info.value).endswith(f"run python build_engines.py --model EMICA-X --mode detail "
+                                    f"--assets_dir '/data/my assets' --engines_dir {tmp_path} "
+                                    f"--detail_model EMOCA_v2_lr_cos_1.5 --onnx-only")
+    path.unlink()
+    with pytest.raises(AssetError, match=r"--engines_dir .* --detail_model EMOCA_v2_lr_cos_1.5 --onnx-only"):
+        E.check_onnx(tmp_path, stale)
+
+
 # ---------------------------------------------------------------------------------------------- backend selection
 
 GPU_TRT = E.Availability(cuda=True, gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from realtime import engines as E
+from realtime.cli import OneLineParser
 from realtime.errors import UserError
 
 ONNX_RTOL = 1e-4  # fp32 ONNX Runtime vs PyTorch, relative to each output's scale
@@ -76,8 +77,8 @@ def parse_batch_profile(text: str) -> tuple[int, int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model name, e.g. EMICA-CVT_flame2020_notexture")
     p.add_argument("--mode", choices=("coarse", "detail"), default="coarse")
     p.add_argument("--detail_model", "--detail-model", default=None,

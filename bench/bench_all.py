@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import device_name  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
+from realtime.cli import OneLineParser  # noqa: E402
 from realtime.engines import slug  # noqa: E402
 
 EMICA = "EMICA-CVT_flame2020_notexture"
@@ -192,7 +193,7 @@ def check_targets(report: dict) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = OneLineParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small batches and few frames: a smoke test")
     p.add_argument("--skip", default="", help=f"comma list of parts to leave out: {','.join(PARTS)}")

@@ -17,7 +17,6 @@ millimetres by the similarity fit of the clip's mean mesh onto MediaPipe's canon
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -32,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from realtime.atomic import save_json  # noqa: E402
-from realtime.cli import main as app_main  # noqa: E402
+from realtime.cli import OneLineParser, main as app_main  # noqa: E402
 from realtime.export import load_results  # noqa: E402
 from realtime.smoothing import jitter, step_lag  # noqa: E402
 
@@ -100,7 +99,7 @@ def millimetres_per_unit(vertices: np.ndarray, model: str) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     args, extra = p.parse_known_args()
     model = None  # the model that ran (the default falls back to the MediaPipe mesh without EMICA assets)
     report = {"bench": "jitter", "args": extra, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "clips": {}}

@@ -12,7 +12,6 @@ after ``--warmup`` runs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -27,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import device_name  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
+from realtime.cli import OneLineParser  # noqa: E402
 from realtime.errors import AssetError  # noqa: E402
 from realtime.models import DEFAULT_MODEL, EMICA, load_model  # noqa: E402
 from realtime.models.flame import FLAME  # noqa: E402
@@ -65,7 +65,7 @@ def timed(fn, device: torch.device, warmup: int, repeats: int) -> dict[str, floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--assets", type=Path, default=REPO / "assets")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", default="1,4", help="comma-separated batch sizes")

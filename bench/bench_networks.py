@@ -18,7 +18,6 @@ Writes bench/results/networks_<device slug>.json. Timings are machine-specific; 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -33,9 +32,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import device_name, median_ms  # noqa: E402
+from bench.common import count_arg, device_arg, device_name, median_ms, positive_ints  # noqa: E402
 from realtime import engines as E  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
+from realtime.errors import UserError  # noqa: E402
+from realtime.cli import OneLineParser  # noqa: E402
 from realtime.models import load_model  # noqa: E402
 from realtime.streams import StreamFork  # noqa: E402
 
@@ -190,24 +191,36 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", default=None, help="comma list (default 1,4,16,64 on a GPU, 1,4 on the CPU)")
+    p = OneLineParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=positive_ints, default=None,
+                   help="comma list (default 1,4,16,64 on a GPU, 1,4 on the CPU)")
     p.add_argument("--assets_dir", default=None, help="real assets (default: random weights in a temp folder)")
     p.add_argument("--engines_dir", default=None, help="where build_engines.py put TensorRT engines")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10 GPU, 1 CPU)")
-    p.add_argument("--repeat", type=int, default=None, help="timed calls, median reported (default 50 GPU, 3 CPU)")
+    p.add_argument("--warmup", type=count_arg(0), default=None, help="untimed calls first (default 10 GPU, 1 CPU)")
+    p.add_argument("--repeat", type=count_arg(1), default=None,
+                   help="timed calls, median reported (default 50 GPU, 3 CPU)")
     p.add_argument("--compile", action="store_true", help="also torch.compile (GPU; slow to compile)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=count_arg(1), default=None,
                    help="CPU threads for PyTorch and ONNX Runtime alike (default: their defaults, all cores)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/networks_<device>.json)")
     args = p.parse_args()
 
-    device = torch.device(args.device)
+    device = args.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {device}: PyTorch sees no CUDA GPU here; use --device cpu")
+    try:
+        return run(args, device)
+    except UserError as e:  # missing or broken assets, an unusable backend: what to fix, in one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args, device: torch.device) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     on_gpu = device.type == "cuda"
-    batches = tuple(int(b) for b in (args.batch or ("1,4,16,64" if on_gpu else "1,4")).split(","))
+    batches = tuple(args.batch or ((1, 4, 16, 64) if on_gpu else (1, 4)))
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
     repeat = args.repeat if args.repeat is not None else (50 if on_gpu else 3)
     available = E.probe_availability(device)

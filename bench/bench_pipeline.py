@@ -22,7 +22,6 @@ ratios measured in the same run, never across machines.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -38,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import device_name, parse_size  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
-from realtime.cli import build_parser, config_from_args  # noqa: E402
+from realtime.cli import OneLineParser, build_parser, config_from_args  # noqa: E402
 from realtime.config import DEFAULT_MODEL, ModelConfig  # noqa: E402
 from realtime.engines import slug  # noqa: E402
 from realtime.runner import run  # noqa: E402
@@ -166,7 +165,7 @@ def synthetic_assets_needed(extra: list[str]) -> str | None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = OneLineParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--input", default=str(REPO / "realtime" / "data" / "carphone_pristine.mp4"))
     p.add_argument("--size", type=parse_size, default=None, help="WxH: transcode the input to this size first")
     p.add_argument("--loop", type=int, default=1, help="concatenate the clip this many times first")

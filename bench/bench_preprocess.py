@@ -24,7 +24,6 @@ Writes bench/results/preprocess_<device slug>.json. Timings are machine-specific
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -40,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import device_name, median_ms, positive_ints, size_list  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
+from realtime.cli import OneLineParser  # noqa: E402
 from realtime.crop import arcface_matrix, arcface_points, warp_arcface, warp_crop  # noqa: E402
 from realtime.engines import slug  # noqa: E402
 from realtime.gpu_crop import FrameUploader, arcface_batch, crop_batch, unique_frames  # noqa: E402
@@ -161,7 +161,7 @@ def _tracker_row(label, workers, frames, t0, first, end, diffs, chunks) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=positive_ints, default=[1, 4, 16])
     parser.add_argument("--sizes", type=size_list, default=[(640, 480), (1920, 1080)], help="frame sizes for the crop timings")
     parser.add_argument("--repeat", type=int, default=2, help="tracker clip: carphone forwards/backwards this often")

@@ -31,6 +31,7 @@ import aioice.ice  # noqa: E402
 from skimage import data  # noqa: E402
 
 from realtime.atomic import save_json  # noqa: E402
+from realtime.cli import OneLineParser  # noqa: E402
 from realtime.sinks.webrtc import STAMP_CELL, STAMP_HEIGHT, STAMP_WIDTH, WebRTCSink  # noqa: E402
 from realtime.types import AudioChunk, Frame, FrameResult  # noqa: E402
 from tests.browser_cdp import CHROMIUM, Browser  # noqa: E402
@@ -209,7 +210,7 @@ async def bench(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--fps", type=float, default=30.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -68,6 +69,28 @@ def positive_ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers (got {text!r})")
     return values
+
+
+def count_arg(least: int) -> Callable[[str], int]:
+    """argparse type for an integer of at least ``least`` (a number of calls, threads, …)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer (got {text!r})") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected at least {least} (got {value})")
+        return value
+
+    return parse
+
+
+def device_arg(text: str) -> torch.device:
+    """argparse type for a torch device: cpu, cuda or cuda:N."""
+    if re.fullmatch(r"cpu|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N (got {text!r})")
+    return torch.device(text)
 
 
 def size_list(text: str) -> list[tuple[int, int]]:

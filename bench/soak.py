@@ -13,7 +13,6 @@ reconnects and latency. tests/test_soak.py runs the same thing for a minute.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -33,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from realtime import sources  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
-from realtime.cli import build_parser, config_from_args  # noqa: E402
+from realtime.cli import OneLineParser, build_parser, config_from_args  # noqa: E402
 from realtime.live import ResilientSource  # noqa: E402
 from realtime.runner import run  # noqa: E402
 from realtime.sources import Source  # noqa: E402
@@ -163,7 +162,7 @@ def soak(seconds: float, *, drop_every: float | None = 20.0, model_name: str = "
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=180.0, help="how long the camera runs")
     p.add_argument("--drop_every", type=float, default=30.0, help="the camera drops out this often (0: never)")
     p.add_argument("--model_name", default="mediapipe")

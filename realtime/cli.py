@@ -47,15 +47,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class _Parser(argparse.ArgumentParser):
-    """A bad flag is one line, not the whole usage text."""
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line, not the whole usage text (app.py, build_engines.py and the bench scripts)."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see: python app.py --help)\n")
+        self.exit(2, f"error: {message} (see: python {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="app.py",
         description=(
             "EMICA Realtime: real-time 3D face reconstruction. Live webcam overlay (--input 0 --show), "

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"decode", "track", "model", "render", "compose", "sinks"}
 
@@ -47,3 +49,16 @@ def test_live_pipeline_report_has_latency(tmp_path):
     latency = report["latency_ms"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
     assert report["slowest_stage"] in STAGES - {"decode"}  # live decode is mostly waiting for the frame's time
+
+
+@pytest.mark.parametrize("script, flags, needle", [
+    ("bench/bench_networks.py", ["--batch", "0"], "--batch"),
+    ("bench/bench_networks.py", ["--repeat", "0"], "--repeat"),
+    ("bench/bench_networks.py", ["--device", "tpu"], "cpu, cuda or cuda:N"),
+    ("bench/bench_networks.py", ["--assets_dir", "/nonexistent_assets", "--batch", "1"], "/nonexistent_assets"),
+    ("build_engines.py", [], "--model"),
+])
+def test_bad_bench_and_build_flags_are_one_line(script, flags, needle):
+    proc = subprocess.run([sys.executable, script, *flags], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr

@@ -226,7 +226,9 @@ class ModelReconstructor:
         if cache is None:
             need = list(range(len(items))) if self.is_emica else []
         else:
-            need = [i for i, (_, f) in enumerate(items) if cache.needs_code(f.track_id)]  # unknown tracks too
+            # Planned in order, as frames one at a time would be (unknown tracks too): refreshes do not move with
+            # the batch size.
+            need = [i for i, flag in enumerate(cache.needs_codes([f.track_id for _, f in items])) if flag]
         prepared = self._prepared(batch, need)
         image, mica = prepared if prepared is not None else self._inputs(items, need)
         for r in batch:

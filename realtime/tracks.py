@@ -250,6 +250,29 @@ class IdentityCache:
         state = self._ids.get(track_id)
         return state is None or state.frozen is None or self._refresh_due(state)
 
+    def needs_codes(self, track_ids: list[int]) -> list[bool]:
+        """``needs_code`` for several frames' faces at once, in order, as if each were answered (``update`` where
+        True, ``get`` where False) before the next is asked: a batch of frames gets the same answers as the
+        frames one at a time, so results do not depend on the batch size. Changes nothing."""
+        ahead: dict[int, tuple[bool, int, int]] = {}  # track → (frozen, count, frames_since_freeze), as it would be
+        answers = []
+        for tid in track_ids:
+            if tid not in ahead:
+                state = self._ids.get(tid)
+                ahead[tid] = ((False, 0, 0) if state is None else
+                              (state.frozen is not None, state.count, state.frames_since_freeze))
+            frozen, count, since = ahead[tid]
+            need = not frozen or (self.refresh_every is not None and since >= self.refresh_every)
+            answers.append(need)
+            if need:
+                count += 1
+                if count == self.frames:
+                    frozen, count, since = True, 0, 0
+            elif frozen:
+                since += 1
+            ahead[tid] = (frozen, count, since)
+        return answers
+
     def update(self, track_id: int, shapecode: np.ndarray) -> np.ndarray:
         """Feed this frame's shape code ((D,)); returns the code to use for this frame ((D,))."""
         code = np.asarray(shapecode)

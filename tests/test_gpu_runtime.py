@@ -250,6 +250,26 @@ def test_identity_refresh_runs_mica_again_on_schedule(synthetic_assets, tmp_path
     assert [len(r.reconstructions) for r in results] == [len(r.faces) for r in results]
 
 
+def test_identity_refresh_comes_at_the_same_frame_whatever_the_batch_size(synthetic_assets, tmp_path):
+    """--batch_size is a throughput setting: a batch of 4 frames must refresh the identity where 4 single frames do."""
+    from realtime.model_runtime import ModelReconstructor
+
+    shapes = {}
+    for batch in (1, 4):
+        cfg = RunConfig(model=ModelConfig(assets_dir=str(synthetic_assets), device="cpu", backend="torch",
+                                          engines_dir=str(tmp_path), identity_refresh=7, batch_size=batch))
+        model = ModelReconstructor(cfg, identity_cache=True)
+        results = _frames_with_faces(20)  # refresh due at frame 13: inside a batch of 4 (12-15), not at its start
+        for i, r in enumerate(results):
+            r.faces = r.faces[:1]
+            r.frame.image = np.roll(r.frame.image, 7 * i, axis=1)  # each frame its own picture: its own MICA code
+        for start in range(0, len(results), batch):
+            model.reconstruct(results[start:start + batch])
+        shapes[batch] = np.stack([rec.codes["shapecode"] for r in results for rec in r.reconstructions])
+    # Equal up to float noise of batched convolutions; a refresh at another frame averages other codes (~1e-5 here).
+    np.testing.assert_allclose(shapes[4], shapes[1], rtol=0, atol=1e-7)
+
+
 def test_cached_identity_equals_per_frame_mica_on_the_same_image(synthetic_assets, tmp_path):
     """The cache averages MICA's first codes and then reuses them: on a still image that is MICA's own code, so
     the output equals running MICA on every frame (as inferno does), frame for frame."""

@@ -128,6 +128,26 @@ def test_identity_cache_refresh_switches_after_collecting_new_codes():
     assert not cache.needs_code(1)
 
 
+def test_identity_cache_plans_a_batch_as_frames_one_at_a_time():
+    # The model stage asks for a whole batch before feeding any code; a refresh must come at the same frame as
+    # with one frame per batch, or results would depend on --batch_size.
+    rng = np.random.default_rng(0)
+    tracks = [1, 2, 1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1]
+    one_by_one, by_batch = IdentityCache(frames=2, refresh_every=3), IdentityCache(frames=2, refresh_every=3)
+    expected, planned = [], []
+    for tid in tracks:
+        need = one_by_one.needs_code(tid)
+        expected.append(need)
+        one_by_one.update(tid, rng.normal(size=4)) if need else one_by_one.get(tid)
+    for start in range(0, len(tracks), 4):
+        batch = tracks[start:start + 4]
+        needs = by_batch.needs_codes(batch)
+        planned += needs
+        for tid, need in zip(batch, needs):
+            by_batch.update(tid, np.zeros(4)) if need else by_batch.get(tid)
+    assert planned == expected and sum(expected) > 6  # first codes and at least one refresh per track
+
+
 def test_identity_cache_tracks_are_independent():
     cache = IdentityCache(frames=1)
     cache.update(1, np.ones(3))

@@ -202,8 +202,8 @@ def main() -> int:
                     build_engines.main(["--model", synthetic, "--assets_dir", str(assets), "--engines_dir",
                                         str(engines), "--onnx-only"])
                 run_extra += ["--engines_dir", str(engines)]
-        elif app.model_name and app.model_name != "mediapipe":
-            weights = "from --assets_dir"
+        elif (app.model_name or DEFAULT_MODEL) != "mediapipe" and (app.model_name or app.assets_dir):
+            weights = "from --assets_dir"  # a named model, or the default one with its assets given
         runs = [bench_once(input_path, run_extra) for _ in range(max(1, args.repeat))]
 
     # Files: the run with the highest throughput. Live: throughput is the source's frame rate, so the

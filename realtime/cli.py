@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rn = p.add_argument_group("run")
     _bool_flag(rn, "stats", False, "print per-stage latency (p50/p95) at the end, and every few seconds for live input")
-    _bool_flag(rn, "progress", True, "progress bar for files")
+    _bool_flag(rn, "progress", True, "progress bar for files (when stderr is a terminal)")
     rn.add_argument("--logger", choices=("none", "wandb"), default="none",
                     help="log config, per-stage latency, fps and the output video to Weights & Biases (pip install wandb; "
                          "WANDB_MODE=offline works without an account)")
@@ -193,6 +193,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(message)s", stream=sys.stderr)
+    if args.log_level != "debug":  # WebRTC's ICE and DTLS narrate every candidate pair at INFO
+        for noisy in ("aioice", "aiortc"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     # MediaPipe/TFLite log to stderr through glog unless told otherwise; keep the terminal for our own lines.
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

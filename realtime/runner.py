@@ -627,7 +627,7 @@ def _add_sinks(sinks: list, cfg: RunConfig, source, outputs: dict[str, Path], mo
 
 
 def _progress_bar(cfg: RunConfig, source, live: bool):
-    if live or not cfg.progress:
+    if live or not cfg.progress or not sys.stderr.isatty():  # a log file would fill with carriage-return redraws
         return None
     from tqdm import tqdm
 

@@ -210,7 +210,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt as err:
         note = getattr(err, "note", "")
         print(f"interrupted ({note})" if note else "interrupted", file=sys.stderr)
-        return 128 + getattr(err, "signal_number", signal.SIGINT)  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
-    if summary.signalled:
-        return 128 + (summary.signal_number or signal.SIGINT)  # stopped, with everything done so far finalised
+        return _signal_status(getattr(err, "signal_number", signal.SIGINT))
+    if summary.signalled:  # stopped, with everything done so far finalised
+        return _signal_status(summary.signal_number)
     return 0 if summary.ok else 1
+
+
+def _signal_status(signal_number: int) -> int:
+    """The shell's convention for a run a signal stopped: 128 + its number (130 Ctrl-C, 143 SIGTERM)."""
+    return 128 + signal_number

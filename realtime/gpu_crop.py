@@ -102,7 +102,7 @@ def _sample(
     if not frames:
         return torch.zeros(0, 3, size, size)
     device = frames[0].device
-    out = torch.empty(len(matrices), 3, size, size, dtype=torch.float32, device=device)
+    out = None  # made only when the faces come from several frames
     for k, frame in enumerate(frames):
         faces = np.flatnonzero(frame_index == k)
         if len(faces) == 0:
@@ -119,8 +119,10 @@ def _sample(
         crops = crops.reshape(3, len(faces), size, size).transpose(0, 1)
         if len(faces) == len(matrices):  # every face from this one frame (the crop stage's case): no scatter
             return crops.contiguous()
+        if out is None:
+            out = torch.empty(len(matrices), 3, size, size, dtype=torch.float32, device=device)
         out[torch.from_numpy(faces).to(device, non_blocking=True)] = crops
-    return out
+    return out if out is not None else torch.zeros(0, 3, size, size, device=device)
 
 
 def crop_batch(

@@ -31,8 +31,11 @@ class RunSummary:
     result: PipelineResult
     outputs: dict[str, Path] = field(default_factory=dict)
     model: str = ""
-    signalled: bool = False  # stopped by SIGINT/SIGTERM (outputs finalised); the CLI exits 130
-    signal_number: Optional[int] = None  # which one: the conventional exit status is 128 + it (130, 143)
+    signal_number: Optional[int] = None  # the SIGINT/SIGTERM that stopped it (outputs finalised), or None
+
+    @property
+    def signalled(self) -> bool:
+        return self.signal_number is not None
 
 
 # -- stages -----------------------------------------------------------------------------------
@@ -119,9 +122,10 @@ class ReconstructStage:
 class RenderStage:
     name = "render"
 
-    def __init__(self, cfg: RunConfig, crops: bool):
+    def __init__(self, cfg: RunConfig, frames: bool, crops: bool):
         self.cfg = cfg
-        self.crops = crops  # also render inferno's per-face geometry.png crop
+        self.frames = frames  # the whole frame's render, for the composed panels
+        self.crops = crops  # inferno's per-face geometry.png crop
         self.renderer = None
 
     def setup(self) -> None:
@@ -133,9 +137,10 @@ class RenderStage:
         for result in batch:
             if result.replay:
                 continue
-            h, w = result.frame.image.shape[:2]
-            result.rendered, result.mask = self.renderer.render(h, w, result.reconstructions,
-                                                                image_type=self.cfg.compose.image_type)
+            if self.frames:
+                h, w = result.frame.image.shape[:2]
+                result.rendered, result.mask = self.renderer.render(h, w, result.reconstructions,
+                                                                    image_type=self.cfg.compose.image_type)
             if self.crops:
                 for rec in result.reconstructions:
                     rec.crop_image = self.renderer.render_crop(rec, image_size=self.cfg.tracking.image_size)
@@ -224,6 +229,11 @@ def sound_from_microphone(source) -> bool:
     return source.live and not isinstance(source, (VideoFileSource, ImageFolderSource)) and not source.audio_rate
 
 
+def results_folder(processed: Path, stem: str, model_name: str) -> Path:
+    """inferno's layout: <processed_…>/<video stem>/results/<model>/."""
+    return processed / stem / "results" / model_name
+
+
 def _processed_folder(cfg: RunConfig, base: Path, stem: str, model_name: str) -> Path:
     from .resume import PROGRESS_FILE
 
@@ -232,7 +242,7 @@ def _processed_folder(cfg: RunConfig, base: Path, stem: str, model_name: str) ->
         return base / o.processed_subfolder
 
     def holds_run(folder: Path) -> bool:
-        return (folder / stem / "results" / model_name / PROGRESS_FILE).is_file()
+        return (results_folder(folder, stem, model_name) / PROGRESS_FILE).is_file()
 
     if o.resume:
         # The latest folder holding a run of this input, by the time in its name (as text, Jan sorts after Feb).
@@ -321,7 +331,7 @@ def run(cfg: RunConfig) -> RunSummary:
         try:
             base = Path(o.output_folder or ("image_output" if is_folder else "video_output"))
             stem = Path(cfg.input).stem
-            outfolder = base / model_name if is_folder else _processed_folder(cfg, base, stem, model_name) / stem / "results" / model_name
+            outfolder = base / model_name if is_folder else results_folder(_processed_folder(cfg, base, stem, model_name), stem, model_name)
             _make_folder(outfolder)
             outputs["folder"] = outfolder
             if o.save_video and not is_folder:
@@ -387,32 +397,28 @@ def run(cfg: RunConfig) -> RunSummary:
                                        num_faces=t.num_faces, scale=t.scale, image_size=t.image_size,
                                        device=t.device, min_confidence=t.min_confidence, mode=track_mode)
         panels = "video" in outputs or o.show or bool(o.webrtc)  # the sinks that show the composed panels
+        crops = o.save_images and not live
+        # Nothing is drawn that no output shows (an export-only or --stream_params run renders nothing).
         stages = [TrackStage(cfg, track_mode, parallel, assign_tracks=not is_folder),
                   *([CropStage(reconstructor)] if hasattr(reconstructor, "prepare") else []),
-                  ReconstructStage(reconstructor), RenderStage(cfg, crops=o.save_images and not live),
+                  ReconstructStage(reconstructor),
+                  *([RenderStage(cfg, frames=panels, crops=crops)] if panels or crops else []),
                   *([ComposeStage(cfg)] if panels else [])]
         progress = _progress_bar(cfg, source, live)
         window = next((s for s in sinks if hasattr(s, "should_quit")), None)
         started = time.perf_counter()
 
-        broken = False  # a delivery failed part-way: some sinks have that frame, others not
-
         def deliver(item: FrameResult) -> None:
-            nonlocal delivered, broken, with_faces
+            # After a failed delivery the pipeline calls this no more (a later frame would leave a gap).
+            nonlocal delivered, with_faces
             if item.replay:
                 if progress is not None:
                     progress.update(1)  # re-tracking the frames done before: the bar moves while it takes
                 return
-            if broken:
-                return  # after a partial delivery, a later frame would leave a gap in some outputs
             with_faces += bool(item.faces)
             t0 = time.perf_counter()
-            try:
-                for sink in sinks:
-                    sink.write(item)
-            except BaseException:
-                broken = True
-                raise
+            for sink in sinks:
+                sink.write(item)
             item.timings["sinks"] = (time.perf_counter() - t0) * 1000.0
             delivered += 1
             run_logger.log_frame_stats(delivered, item.timings, delivered / max(time.perf_counter() - started, 1e-9))
@@ -499,9 +505,9 @@ def run(cfg: RunConfig) -> RunSummary:
     if result.dropped:
         print(f"dropped {result.dropped} frames to stay live")
     # A signal that came after the last frame was read stopped nothing: the run is complete.
-    signalled = signals.received is not None and not (feed is not None and feed.exhausted)
+    stopped = not (feed is not None and feed.exhausted)  # a signal after the last frame was read stopped nothing
     return RunSummary(ok=True, frames=result.frames_out, result=result, outputs=outputs, model=model_name,
-                      signalled=signalled, signal_number=signals.received if signalled else None)
+                      signal_number=signals.received if stopped else None)
 
 
 def _stopped_note(resume: "Resume", smoothing: str) -> str:

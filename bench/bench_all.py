@@ -35,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import device_name  # noqa: E402
+from bench.common import device_arg, device_name  # noqa: E402
 from realtime.atomic import save_json  # noqa: E402
 from realtime.cli import OneLineParser  # noqa: E402
 from realtime.engines import slug  # noqa: E402
@@ -194,13 +194,14 @@ def check_targets(report: dict) -> dict:
 
 def main() -> int:
     p = OneLineParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when PyTorch sees a GPU)")
     p.add_argument("--quick", action="store_true", help="small batches and few frames: a smoke test")
     p.add_argument("--skip", default="", help=f"comma list of parts to leave out: {','.join(PARTS)}")
     p.add_argument("--loop", type=int, default=None, help="repeat the clip for the file pipeline (default by device)")
     p.add_argument("--live_loop", type=int, default=None, help="repeat the clip for live runs (default 5, quick 1)")
     p.add_argument("--max_frames", type=int, default=None, help="cap the EMICA runs (default on the CPU: 32 / quick 8)")
-    p.add_argument("--batch_size", type=int, default=None, help="EMICA pipeline batch (default: the app's)")
+    p.add_argument("--batch_size", type=int, default=None, help="EMICA pipeline batch (default: 16 for files on a GPU, else the app's 4)")
     p.add_argument("--assets_dir", default=None, help="real assets (default: random EMICA weights)")
     p.add_argument("--engines_dir", default=None, help="TensorRT/ONNX engines from build_engines.py")
     p.add_argument("--compile", action="store_true", help="also torch.compile: a networks variant, and the EMICA "
@@ -212,10 +213,8 @@ def main() -> int:
     bad = [s for s in args.skip if s not in PARTS]
     if bad:
         p.error(f"--skip takes {', '.join(PARTS)} (got {', '.join(bad)})")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device must be cpu, cuda or cuda:N (got {args.device!r})")
+    device = args.device
+    args.device = str(device)  # handed on to the other benches as text
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA GPU is visible; use --device cpu")
     on_gpu = device.type == "cuda"

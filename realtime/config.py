@@ -115,6 +115,10 @@ class RunConfig:
         _require(not m.compile or m.backend in ("auto", "torch"),
                  f"--compile applies to PyTorch networks, not --backend {m.backend}: use --backend torch or auto")
         _require(m.identity_refresh >= 0, f"--identity_refresh must be 0 (never) or a number of frames (got {m.identity_refresh})")
+        _require(not m.identity_refresh or m.identity_cache,
+                 "--identity_refresh refreshes the cached identity, but --identity_cache is false: drop one of them")
+        _require(not m.compile or m.name != EMBEDDED_MODEL,
+                 "--compile applies to the EMICA/EMOCA/DECA networks; the MediaPipe mesh has none to compile")
         _require(re.fullmatch(r"cpu|cuda(:\d+)?", m.device) is not None, f"--device must be cpu or cuda:N (got {m.device!r})")
         _require(c.cat_dim in (0, 1), f"--cat_dim must be 0 (vertical) or 1 (horizontal) (got {c.cat_dim})")
         _require(c.image_type in IMAGE_TYPES, f"--image_type must be one of {', '.join(IMAGE_TYPES)} (got {c.image_type!r})")

@@ -255,6 +255,9 @@ class Resume:
             done = "complete" if previous.complete else f"{previous.frames_done} frames done"
             raise UserError(f"{folder} already holds a run ({done}): --resume to continue it, or choose another "
                             "--processed_subfolder (or delete that folder)")
+        if enabled and (previous is None or not (previous.frames_done or previous.complete)):
+            log.warning("--resume: no earlier run of %s with frames done in %s; starting from the beginning",
+                        self.input, folder)
         if not enabled:
             previous = None  # a run that did no frames: nothing to keep
         if previous is not None and previous.input != self.input:

@@ -291,6 +291,10 @@ FATAL = {
     "compile-with-onnxruntime": _flag("--compile", "true", "--device", "cuda:0", "--backend", "onnxruntime",
                                       needles=("--compile", "--backend onnxruntime")),
     "identity-refresh-negative": _flag("--identity_refresh", "-5", needles=("--identity_refresh", "-5", "0 (never)")),
+    "identity-refresh-without-cache": _flag("--identity_refresh", "5", "--identity_cache", "false",
+                                            needles=("--identity_refresh", "--identity_cache is false")),
+    "compile-the-mesh": _flag("--compile", "true", "--device", "cuda:0", "--model_name", "mediapipe",
+                              needles=("--compile", "MediaPipe mesh")),
 }
 
 

@@ -406,6 +406,12 @@ def test_sigterm_is_reported_as_sigterm(tmp_path, carphone_path):
     assert json.loads((_results(out) / "progress.json").read_text())["frames_done"] == summary.frames < 120
 
 
+def test_resume_with_nothing_to_resume_says_it_starts_over(tmp_path, carphone_path, caplog):
+    out = tmp_path / "out"
+    assert main(["--input", str(carphone_path), "--output_folder", str(out), "--max_frames", "5", "--resume", *ARGS]) == 0
+    assert "--resume: no earlier run of" in caplog.text and "starting from the beginning" in caplog.text
+
+
 def test_a_third_signal_does_not_cut_the_abort_short(caplog):
     from realtime.runner import Interrupted, _Signals
 
